@@ -1,0 +1,38 @@
+# aimesh: the two commands a newcomer runs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PROTOS := $(shell find protos -name '*.proto' | sort)
+
+.PHONY: run test proto lint bench venv clean check-proto
+
+venv: $(STAMP)
+
+# Re-install when the package metadata changes; editable, so code edits need nothing.
+$(STAMP): pyproject.toml setup.py
+	@test -x $(PY) || { echo "creating $(VENV) ..."; $(PYTHON) -m venv $(VENV); }
+	@echo "installing aimesh and its dev dependencies into $(VENV) ..."
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/aimesh demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Regenerates gen/ (grpcio + .pyi) and clients/betterproto (betterproto2) from protos/.
+proto: $(STAMP)
+	$(PY) -m aimesh.mesh.protogen --out-gen gen --out-clients clients/betterproto
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mesh interceptors clients tests bench
+	$(VENV)/bin/mypy mesh interceptors clients/__init__.py clients/inference.py
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
