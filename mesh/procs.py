@@ -1,0 +1,110 @@
+"""Starting aimesh components as real processes (used by `aimesh demo` and the tests)."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+@dataclass
+class Proc:
+    """A child process that announced `listening on HOST:PORT` on stdout."""
+
+    name: str
+    popen: subprocess.Popen[str]
+    address: str
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM (graceful drain), then SIGKILL if it has not exited within `timeout`."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        return self.popen.wait()
+
+    def kill(self) -> int:
+        """SIGKILL: a crash, with no chance to drain."""
+        if self.alive():
+            self.popen.kill()
+        return self.popen.wait()
+
+
+def _drain(popen: subprocess.Popen[str], sink: list[str]) -> None:
+    assert popen.stdout is not None
+    for line in popen.stdout:
+        sink.append(line)
+
+
+def aimesh_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "aimesh.mesh.cli", *args]
+
+
+def start(name: str, argv: Sequence[str], *, timeout: float = 20.0,
+          env: dict[str, str] | None = None) -> Proc:
+    """Starts `argv` and waits until it prints its listening address (or dies)."""
+    popen = subprocess.Popen(
+        list(argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        start_new_session=True,  # a Ctrl-C in the terminal reaches the parent only
+    )
+    assert popen.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    sel = selectors.DefaultSelector()
+    sel.register(popen.stdout, selectors.EVENT_READ)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                popen.kill()
+                raise RuntimeError(f"{name} did not start within {timeout:g}s:\n" + "".join(seen))
+            if not sel.select(left):
+                continue
+            line = popen.stdout.readline()
+            if not line:
+                popen.wait()
+                raise RuntimeError(
+                    f"{name} exited with code {popen.returncode} before listening:\n"
+                    + "".join(seen)
+                )
+            seen.append(line)
+            m = _LISTENING.search(line)
+            if m:
+                proc = Proc(name=name, popen=popen, address=f"{m.group(1)}:{m.group(2)}", output=seen)
+                # Keep draining the pipe so a chatty child never blocks on a full buffer.
+                threading.Thread(target=_drain, args=(popen, seen), daemon=True).start()
+                return proc
+    finally:
+        sel.close()
+
+
+def start_sim(name: str, models: Sequence[str], *extra: str, host: str = "127.0.0.1",
+              timeout: float = 20.0) -> Proc:
+    args = ["backend", "sim", "--listen", f"{host}:0", "--instance-id", name]
+    for m in models:
+        args += ["--model", m]
+    return start(name, aimesh_command(*args, *extra), timeout=timeout)

@@ -1,0 +1,1 @@
+"""The simulated LLM backend: deterministic text, realistic timing, load reports, faults."""

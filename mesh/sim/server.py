@@ -1,0 +1,89 @@
+"""Runs a sim instance: the gRPC server with Inference, SimControl, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+from dataclasses import dataclass, replace
+
+import grpc
+
+from aimesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from aimesh.sim.v1 import sim_pb2, sim_pb2_grpc
+
+from ..serving import Health, bind, enable_reflection, server_options, stop_on_signals
+from .faults import Faults
+from .service import InferenceService, SimBackend, SimConfig, SimControlService
+
+INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+SIM_CONTROL = sim_pb2.DESCRIPTOR.services_by_name["SimControl"].full_name
+
+
+@dataclass
+class RunningSim:
+    server: grpc.aio.Server
+    backend: SimBackend
+    health: Health
+    port: int
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Graceful stop: NOT_SERVING, refuse new calls, let in-flight ones finish in `grace`."""
+        await self.health.shutdown()
+        await self.server.stop(grace)
+
+
+async def start_sim(
+    config: SimConfig,
+    listen: str = "127.0.0.1:0",
+    *,
+    faults: Faults | None = None,
+    seed: int | None = None,
+) -> RunningSim:
+    """Starts an instance in this event loop (tests use it directly; the CLI wraps it)."""
+    server = grpc.aio.server(options=server_options())
+    port = bind(server, listen)
+    host = listen.rpartition(":")[0]
+    if not config.instance_id:
+        config = replace(config, instance_id=f"{host}:{port}")
+    backend = SimBackend(config, faults=faults, rng=random.Random(seed))
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(backend), server)
+    sim_pb2_grpc.add_SimControlServicer_to_server(SimControlService(backend), server)
+    health = Health(server, [INFERENCE, SIM_CONTROL])
+    backend.on_serving_change = health.set_serving
+    enable_reflection(server, [INFERENCE, SIM_CONTROL])
+    await server.start()
+    await health.set_serving(True)
+    return RunningSim(server=server, backend=backend, health=health, port=port)
+
+
+async def serve(
+    config: SimConfig,
+    listen: str,
+    *,
+    faults: Faults | None = None,
+    seed: int | None = None,
+    grace: float = 10.0,
+) -> None:
+    """Serves until SIGTERM/SIGINT, then drains for up to `grace` seconds."""
+    sim = await start_sim(config, listen, faults=faults, seed=seed)
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    c = sim.backend.config
+    host = listen.rpartition(":")[0]
+    print(
+        f"aimesh sim backend {c.instance_id} listening on {host}:{sim.port}: "
+        f"models {', '.join(c.models)}; {c.slots} slots, queue {c.max_queue}; "
+        f"ttft {c.ttft * 1000:.0f}ms, {c.tokens_per_second:g} tokens/s",
+        flush=True,
+    )
+    await stop.wait()
+    p = sim.backend.pool
+    print(
+        f"aimesh sim backend {c.instance_id}: draining ({p.active} active, {p.queued} queued, "
+        f"grace {grace:g}s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    await sim.stop(grace)
+    print(f"aimesh sim backend {c.instance_id}: stopped", file=sys.stderr, flush=True)
