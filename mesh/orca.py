@@ -3,6 +3,12 @@
 Backends attach one to every response under `endpoint-load-metrics-bin`, the key gRPC
 and Envoy read for per-call load reporting (gRFC A51), so balancers can weigh endpoints
 by what they report rather than guess from latency.
+
+grpcio's client (C-core) consumes `endpoint-load-metrics-bin` for its own LB policies and
+does not hand it to the application (checked with grpcio 1.85: the trailer is on the
+wire, a grpclib client sees it, `call.trailing_metadata()` does not). So the same bytes
+also go under `aimesh-load-bin`, which Python balancers (the aimesh proxy, the proxyless
+channel) read.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from dataclasses import dataclass, field
 from xds.data.orca.v3 import orca_load_report_pb2
 
 ORCA_TRAILER = "endpoint-load-metrics-bin"
+AIMESH_LOAD_TRAILER = "aimesh-load-bin"
+LOAD_TRAILERS = (ORCA_TRAILER, AIMESH_LOAD_TRAILER)
 
 # Named metrics the sim backend reports (and load-aware pickers read).
 QUEUE_DEPTH = "queue_depth"
@@ -59,6 +67,6 @@ def from_metadata(metadata: object) -> LoadReport | None:
     if not metadata:
         return None
     for key, value in metadata:  # type: ignore[attr-defined]
-        if key == ORCA_TRAILER and isinstance(value, bytes):
+        if key in LOAD_TRAILERS and isinstance(value, bytes):
             return LoadReport.decode(value)
     return None

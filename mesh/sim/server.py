@@ -12,6 +12,8 @@ import grpc
 from aimesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from aimesh.sim.v1 import sim_pb2, sim_pb2_grpc
 
+from aimesh.interceptors import DecodeErrorInterceptor
+
 from ..serving import Health, bind, enable_reflection, server_options, stop_on_signals
 from .faults import Faults
 from .service import InferenceService, SimBackend, SimConfig, SimControlService
@@ -41,7 +43,7 @@ async def start_sim(
     seed: int | None = None,
 ) -> RunningSim:
     """Starts an instance in this event loop (tests use it directly; the CLI wraps it)."""
-    server = grpc.aio.server(options=server_options())
+    server = grpc.aio.server(options=server_options(), interceptors=[DecodeErrorInterceptor()])
     port = bind(server, listen)
     host = listen.rpartition(":")[0]
     if not config.instance_id:

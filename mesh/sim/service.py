@@ -22,7 +22,7 @@ from aimesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from aimesh.sim.v1 import sim_pb2, sim_pb2_grpc
 
 from ..errors import MeshError, invalid_argument, status_code_from_number
-from ..orca import ACTIVE, ORCA_TRAILER, QUEUE_DEPTH, SLOTS, LoadReport
+from ..orca import ACTIVE, LOAD_TRAILERS, QUEUE_DEPTH, SLOTS, LoadReport
 from .faults import Faults
 from .slots import QueueFull, SlotPool
 from .tokens import Completion, StopMatcher, count_tokens, embedding
@@ -113,7 +113,8 @@ class SimBackend:
         )
 
     def trailers(self) -> tuple[tuple[str, str | bytes], ...]:
-        return ((INSTANCE_TRAILER, self.instance_id), (ORCA_TRAILER, self.load_report().encode()))
+        report = self.load_report().encode()
+        return ((INSTANCE_TRAILER, self.instance_id), *((k, report) for k in LOAD_TRAILERS))
 
 
 def _prompt_turns(request: pb.GenerateRequest) -> list[tuple[str, str]]:

@@ -36,7 +36,9 @@ class InferenceStub:
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was done
     Every response carries, in trailing metadata, `aimesh-instance` (the
     instance that served it) and, where the backend reports load,
-    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport).
+    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport, read by
+    Envoy and gRPC's xDS balancers) plus the same bytes under `aimesh-load-bin`
+    (grpcio clients do not surface the standard key to applications).
     """
 
     def __init__(self, channel):
@@ -78,7 +80,9 @@ class InferenceServicer:
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was done
     Every response carries, in trailing metadata, `aimesh-instance` (the
     instance that served it) and, where the backend reports load,
-    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport).
+    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport, read by
+    Envoy and gRPC's xDS balancers) plus the same bytes under `aimesh-load-bin`
+    (grpcio clients do not surface the standard key to applications).
     """
 
     def Generate(self, request, context):
@@ -152,7 +156,9 @@ class Inference:
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was done
     Every response carries, in trailing metadata, `aimesh-instance` (the
     instance that served it) and, where the backend reports load,
-    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport).
+    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport, read by
+    Envoy and gRPC's xDS balancers) plus the same bytes under `aimesh-load-bin`
+    (grpcio clients do not surface the standard key to applications).
     """
 
     @staticmethod

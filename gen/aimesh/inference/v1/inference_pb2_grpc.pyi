@@ -50,7 +50,9 @@ class InferenceStub:
       DEADLINE_EXCEEDED  the call's deadline passed before the answer was done
     Every response carries, in trailing metadata, `aimesh-instance` (the
     instance that served it) and, where the backend reports load,
-    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport).
+    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport, read by
+    Envoy and gRPC's xDS balancers) plus the same bytes under `aimesh-load-bin`
+    (grpcio clients do not surface the standard key to applications).
     """
 
     @_typing.overload
@@ -80,7 +82,9 @@ class InferenceAsyncStub(InferenceStub):
       DEADLINE_EXCEEDED  the call's deadline passed before the answer was done
     Every response carries, in trailing metadata, `aimesh-instance` (the
     instance that served it) and, where the backend reports load,
-    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport).
+    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport, read by
+    Envoy and gRPC's xDS balancers) plus the same bytes under `aimesh-load-bin`
+    (grpcio clients do not surface the standard key to applications).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -106,7 +110,9 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
       DEADLINE_EXCEEDED  the call's deadline passed before the answer was done
     Every response carries, in trailing metadata, `aimesh-instance` (the
     instance that served it) and, where the backend reports load,
-    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport).
+    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport, read by
+    Envoy and gRPC's xDS balancers) plus the same bytes under `aimesh-load-bin`
+    (grpcio clients do not surface the standard key to applications).
     """
 
     @_abc_1.abstractmethod

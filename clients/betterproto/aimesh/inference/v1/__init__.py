@@ -458,7 +458,9 @@ class InferenceStub:
       DEADLINE_EXCEEDED  the call's deadline passed before the answer was done
     Every response carries, in trailing metadata, `aimesh-instance` (the
     instance that served it) and, where the backend reports load,
-    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport).
+    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport, read by
+    Envoy and gRPC's xDS balancers) plus the same bytes under `aimesh-load-bin`
+    (grpcio clients do not surface the standard key to applications).
     """
 
     def __init__(self, channel: grpc.Channel):
@@ -525,7 +527,9 @@ class InferenceAsyncStub(betterproto2_grpclib.ServiceStub):
       DEADLINE_EXCEEDED  the call's deadline passed before the answer was done
     Every response carries, in trailing metadata, `aimesh-instance` (the
     instance that served it) and, where the backend reports load,
-    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport).
+    `endpoint-load-metrics-bin` (an xds.data.orca.v3.OrcaLoadReport, read by
+    Envoy and gRPC's xDS balancers) plus the same bytes under `aimesh-load-bin`
+    (grpcio clients do not surface the standard key to applications).
     """
 
     async def generate(

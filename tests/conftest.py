@@ -1,0 +1,41 @@
+"""Shared fixtures: real grpc.aio sim backends on 127.0.0.1 (port 0) and real channels."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import grpc
+import grpc.aio
+import pytest
+
+from aimesh.mesh.sim.faults import Faults
+from aimesh.mesh.sim.server import RunningSim, start_sim
+from aimesh.mesh.sim.service import SimConfig
+
+from .support import FAST, SimFactory
+
+@pytest.fixture
+async def make_sim() -> AsyncIterator[SimFactory]:
+    started: list[RunningSim] = []
+
+    async def _make(config: SimConfig = FAST, *, faults: Faults | None = None,
+                    seed: int | None = 1, **changes: object) -> RunningSim:
+        sim = await start_sim(replace(config, **changes), "127.0.0.1:0", faults=faults, seed=seed)
+        started.append(sim)
+        return sim
+
+    yield _make
+    for sim in started:
+        await sim.server.stop(None)
+
+
+@pytest.fixture
+async def sim(make_sim: SimFactory) -> RunningSim:
+    return await make_sim()
+
+
+@pytest.fixture
+async def channel(sim: RunningSim) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sim.port}") as ch:
+        yield ch
