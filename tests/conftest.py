@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import grpc
 import grpc.aio
 import pytest
 
+from aimesh.mesh import procs
 from aimesh.mesh.sim.faults import Faults
 from aimesh.mesh.sim.server import RunningSim, start_sim
 from aimesh.mesh.sim.service import SimConfig
@@ -39,3 +40,13 @@ async def sim(make_sim: SimFactory) -> RunningSim:
 async def channel(sim: RunningSim) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{sim.port}") as ch:
         yield ch
+
+
+@pytest.fixture(scope="session")
+def sim_process_address() -> Iterator[str]:
+    """A sim backend in its own process, for sync (blocking) clients."""
+    proc = procs.start_sim("sim-proc", ["gpt-4", "claude-3-5-sonnet"], "--ttft", "0", "--tps", "0")
+    try:
+        yield proc.address
+    finally:
+        proc.terminate()
