@@ -29,7 +29,10 @@ proto: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mesh interceptors clients tests bench
-	$(VENV)/bin/mypy mesh interceptors clients/__init__.py clients/inference.py
+	$(VENV)/bin/ruff format --check mesh interceptors clients/__init__.py clients/inference.py tests bench
+	$(PY) mesh/typecheck_tree.py .
+	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p aimesh.mesh -p aimesh.interceptors \
+		-m aimesh.clients -m aimesh.clients.inference
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -5,6 +5,12 @@
   (`InferenceStub` on grpcio, `InferenceAsyncStub` on grpclib).
 """
 
-from .inference import AsyncInferenceClient, InferenceClient, TokenStream, build_request, instance_of
+from .inference import (
+    AsyncInferenceClient,
+    InferenceClient,
+    TokenStream,
+    build_request,
+    instance_of,
+)
 
 __all__ = ["AsyncInferenceClient", "InferenceClient", "TokenStream", "build_request", "instance_of"]

@@ -17,7 +17,7 @@ clients in `aimesh.clients.betterproto`.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import TypeAlias, TypedDict, Unpack
+from typing import Any, TypeAlias, TypedDict, Unpack
 
 import grpc
 import grpc.aio
@@ -76,9 +76,9 @@ def build_request(
     return req
 
 
-def instance_of(metadata: Metadata | None) -> str:
+def instance_of(metadata: Any) -> str:
     """The `aimesh-instance` trailer: which instance served a call ('' if none said)."""
-    for key, value in metadata or ():
+    for key, value in metadata or ():  # a sequence of (key, value) pairs
         if key == INSTANCE_TRAILER:
             return value.decode() if isinstance(value, bytes) else value
     return ""
@@ -100,25 +100,45 @@ class InferenceClient:
         self.timeout = timeout
         self.metadata = tuple(metadata)
 
-    def generate(self, prompt: Prompt, *, model: str = "", timeout: float | None = None,
-                 **options: Unpack[GenerateOptions]) -> pb.GenerateResponse:
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        model: str = "",
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> pb.GenerateResponse:
         req = build_request(prompt, model=model or self.model, **options)
         response: pb.GenerateResponse = self.stub.Generate(
             req, timeout=timeout or self.timeout, metadata=self.metadata
         )
         return response
 
-    def stream(self, prompt: Prompt, *, model: str = "", timeout: float | None = None,
-               **options: Unpack[GenerateOptions]) -> Iterator[pb.GenerateChunk]:
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        model: str = "",
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> Iterator[pb.GenerateChunk]:
         req = build_request(prompt, model=model or self.model, **options)
-        call = self.stub.GenerateStream(req, timeout=timeout or self.timeout, metadata=self.metadata)
+        call = self.stub.GenerateStream(
+            req, timeout=timeout or self.timeout, metadata=self.metadata
+        )
         try:
             yield from call
         finally:
-            call.cancel()  # a caller that stops early must not leave the backend generating
+            call.cancel()  # type: ignore[no-untyped-call]  # an early stop must not leave the backend generating
 
-    def embed(self, inputs: Sequence[str], *, model: str = "", dimensions: int = 0,
-              timeout: float | None = None) -> pb.EmbedResponse:
+    def embed(
+        self,
+        inputs: Sequence[str],
+        *,
+        model: str = "",
+        dimensions: int = 0,
+        timeout: float | None = None,
+    ) -> pb.EmbedResponse:
         req = pb.EmbedRequest(model=model or self.model, inputs=list(inputs), dimensions=dimensions)
         response: pb.EmbedResponse = self.stub.Embed(
             req, timeout=timeout or self.timeout, metadata=self.metadata
@@ -146,7 +166,7 @@ class TokenStream:
             async for chunk in self.call:
                 yield chunk
         finally:
-            self.call.cancel()
+            self.call.cancel()  # type: ignore[no-untyped-call]
 
     async def text(self) -> str:
         return "".join([c.text async for c in self])
@@ -174,23 +194,41 @@ class AsyncInferenceClient:
         self.timeout = timeout
         self.metadata = tuple(metadata)
 
-    async def generate(self, prompt: Prompt, *, model: str = "", timeout: float | None = None,
-                       **options: Unpack[GenerateOptions]) -> pb.GenerateResponse:
+    async def generate(
+        self,
+        prompt: Prompt,
+        *,
+        model: str = "",
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> pb.GenerateResponse:
         req = build_request(prompt, model=model or self.model, **options)
         response: pb.GenerateResponse = await self.stub.Generate(
             req, timeout=timeout or self.timeout, metadata=self.metadata
         )
         return response
 
-    def stream(self, prompt: Prompt, *, model: str = "", timeout: float | None = None,
-               **options: Unpack[GenerateOptions]) -> TokenStream:
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        model: str = "",
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> TokenStream:
         req = build_request(prompt, model=model or self.model, **options)
         return TokenStream(
             self.stub.GenerateStream(req, timeout=timeout or self.timeout, metadata=self.metadata)
         )
 
-    async def embed(self, inputs: Sequence[str], *, model: str = "", dimensions: int = 0,
-                    timeout: float | None = None) -> pb.EmbedResponse:
+    async def embed(
+        self,
+        inputs: Sequence[str],
+        *,
+        model: str = "",
+        dimensions: int = 0,
+        timeout: float | None = None,
+    ) -> pb.EmbedResponse:
         req = pb.EmbedRequest(model=model or self.model, inputs=list(inputs), dimensions=dimensions)
         response: pb.EmbedResponse = await self.stub.Embed(
             req, timeout=timeout or self.timeout, metadata=self.metadata

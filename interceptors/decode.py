@@ -23,7 +23,9 @@ def _type_name(deserializer: Deserializer) -> str:
     return str(getattr(descriptor, "full_name", "the request message"))
 
 
-async def _parse(raw: bytes, deserializer: Deserializer, context: grpc.aio.ServicerContext) -> Any:
+async def _parse(
+    raw: bytes, deserializer: Deserializer, context: grpc.aio.ServicerContext[Any, Any]
+) -> Any:
     try:
         return deserializer(raw)
     except Exception as exc:  # protobuf raises DecodeError; custom codecs anything
@@ -42,7 +44,8 @@ async def _drain(result: Any) -> AsyncIterator[Any]:
         await result
 
 
-def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _wrap(handler: Any) -> Any:
+    # grpc's handler attributes are typed for the sync API; here they hold coroutines.
     des = handler.request_deserializer
     if des is None:
         return handler
@@ -51,46 +54,50 @@ def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if handler.unary_unary:
         inner_uu = handler.unary_unary
 
-        async def uu(raw: bytes, ctx: grpc.aio.ServicerContext) -> Any:
+        async def uu(raw: bytes, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
             return await inner_uu(await _parse(raw, des, ctx), ctx)
 
         return grpc.unary_unary_rpc_method_handler(uu, response_serializer=ser)
     if handler.unary_stream:
         inner_us = handler.unary_stream
 
-        async def us(raw: bytes, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def us(raw: bytes, ctx: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             async for item in _drain(inner_us(await _parse(raw, des, ctx), ctx)):
                 yield item
 
         return grpc.unary_stream_rpc_method_handler(us, response_serializer=ser)
 
-    async def parsed(raws: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def parsed(
+        raws: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         async for raw in raws:
             yield await _parse(raw, des, ctx)
 
     if handler.stream_unary:
         inner_su = handler.stream_unary
 
-        async def su(raws: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext) -> Any:
+        async def su(raws: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
             return await inner_su(parsed(raws, ctx), ctx)
 
         return grpc.stream_unary_rpc_method_handler(su, response_serializer=ser)
     inner_ss = handler.stream_stream
 
-    async def ss(raws: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def ss(
+        raws: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         async for item in _drain(inner_ss(parsed(raws, ctx), ctx)):
             yield item
 
     return grpc.stream_stream_rpc_method_handler(ss, response_serializer=ser)
 
 
-class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
+class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps every handler so undecodable requests end with INTERNAL and a clear message."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Any:
         handler = await continuation(handler_call_details)
         return _wrap(handler) if handler is not None else handler

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import grpc
 import grpc.aio
 
-from .errors import status_code_from_name
+from .errors import status_code_from_name, status_code_from_number
 from .units import parse_duration
 
 EXIT_USAGE = 2
@@ -47,33 +47,78 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Serve the Inference API with simulated models.",
     )
     p.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0 picks one)")
-    p.add_argument("--model", action="append", required=True, dest="models",
-                   help="a model name to serve (repeat for more)")
-    p.add_argument("--instance-id", default="", help="name in the aimesh-instance trailer "
-                   "(default HOST:PORT)")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        dest="models",
+        help="a model name to serve (repeat for more)",
+    )
+    p.add_argument(
+        "--instance-id", default="", help="name in the aimesh-instance trailer (default HOST:PORT)"
+    )
     p.add_argument("--slots", type=int, default=4, help="concurrent generations (default 4)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="calls waiting for a slot before RESOURCE_EXHAUSTED (default 64)")
-    p.add_argument("--ttft", type=_duration, default=0.05,
-                   help="time to first token once a slot is free (default 50ms)")
-    p.add_argument("--tps", type=float, default=50.0,
-                   help="tokens per second per generation, 0 = unpaced (default 50)")
-    p.add_argument("--batch-slowdown", type=float, default=0.1,
-                   help="slowdown per extra concurrent generation (default 0.1)")
-    p.add_argument("--length", type=_length_range, default=(16, 64),
-                   help="natural completion length in tokens, MIN-MAX (default 16-64)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="calls waiting for a slot before RESOURCE_EXHAUSTED (default 64)",
+    )
+    p.add_argument(
+        "--ttft",
+        type=_duration,
+        default=0.05,
+        help="time to first token once a slot is free (default 50ms)",
+    )
+    p.add_argument(
+        "--tps",
+        type=float,
+        default=50.0,
+        help="tokens per second per generation, 0 = unpaced (default 50)",
+    )
+    p.add_argument(
+        "--batch-slowdown",
+        type=float,
+        default=0.1,
+        help="slowdown per extra concurrent generation (default 0.1)",
+    )
+    p.add_argument(
+        "--length",
+        type=_length_range,
+        default=(16, 64),
+        help="natural completion length in tokens, MIN-MAX (default 16-64)",
+    )
     p.add_argument("--error-rate", type=float, default=0.0, help="fraction of calls to fail")
-    p.add_argument("--error-code", type=_status, default=grpc.StatusCode.UNAVAILABLE,
-                   help="status of injected errors (default UNAVAILABLE)")
-    p.add_argument("--extra-latency", type=_duration, default=0.0,
-                   help="added before the first token, e.g. 200ms")
-    p.add_argument("--die-after-tokens", type=int, default=0,
-                   help="break every stream after N tokens (UNAVAILABLE)")
-    p.add_argument("--die-exits-process", action="store_true",
-                   help="with --die-after-tokens: crash the whole process instead")
+    p.add_argument(
+        "--error-code",
+        type=_status,
+        default=grpc.StatusCode.UNAVAILABLE,
+        help="status of injected errors (default UNAVAILABLE)",
+    )
+    p.add_argument(
+        "--extra-latency",
+        type=_duration,
+        default=0.0,
+        help="added before the first token, e.g. 200ms",
+    )
+    p.add_argument(
+        "--die-after-tokens",
+        type=int,
+        default=0,
+        help="break every stream after N tokens (UNAVAILABLE)",
+    )
+    p.add_argument(
+        "--die-exits-process",
+        action="store_true",
+        help="with --die-after-tokens: crash the whole process instead",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for fault decisions")
-    p.add_argument("--grace", type=_duration, default=10.0,
-                   help="on SIGTERM, time for in-flight calls to finish (default 10s)")
+    p.add_argument(
+        "--grace",
+        type=_duration,
+        default=10.0,
+        help="on SIGTERM, time for in-flight calls to finish (default 10s)",
+    )
 
 
 def _cmd_backend_sim(args: argparse.Namespace) -> int:
@@ -197,9 +242,9 @@ async def _sim_ctl(args: argparse.Namespace) -> int:
                     ),
                     timeout=args.timeout,
                 )
+                code = status_code_from_number(f.error_code).name
                 print(
-                    f"faults now: error rate {f.error_rate:g} "
-                    f"({grpc.StatusCode.UNAVAILABLE.name if f.error_code == 14 else f.error_code}), "
+                    f"faults now: error rate {f.error_rate:g} ({code}), "
                     f"extra latency {f.extra_latency_ms} ms, die after {f.die_after_tokens} tokens"
                     f"{' (process exits)' if f.die_exits_process else ''}"
                 )

@@ -99,5 +99,3 @@ def run_demo(host: str = "127.0.0.1", once: bool = False) -> int:
             with ThreadPoolExecutor(max_workers=len(fleet)) as pool:
                 list(pool.map(lambda p: p.terminate(timeout=10), (p for _, _, p in fleet)))
             print("aimesh demo: stopped", flush=True)
-
-

@@ -49,7 +49,7 @@ class LoadReport:
         )
         for k, v in self.named.items():
             msg.named_metrics[k] = v
-        return msg.SerializeToString()
+        return bytes(msg.SerializeToString())
 
     @classmethod
     def decode(cls, data: bytes) -> LoadReport:

@@ -59,8 +59,9 @@ def aimesh_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "aimesh.mesh.cli", *args]
 
 
-def start(name: str, argv: Sequence[str], *, timeout: float = 20.0,
-          env: dict[str, str] | None = None) -> Proc:
+def start(
+    name: str, argv: Sequence[str], *, timeout: float = 20.0, env: dict[str, str] | None = None
+) -> Proc:
     """Starts `argv` and waits until it prints its listening address (or dies)."""
     popen = subprocess.Popen(
         list(argv),
@@ -94,7 +95,9 @@ def start(name: str, argv: Sequence[str], *, timeout: float = 20.0,
             seen.append(line)
             m = _LISTENING.search(line)
             if m:
-                proc = Proc(name=name, popen=popen, address=f"{m.group(1)}:{m.group(2)}", output=seen)
+                proc = Proc(
+                    name=name, popen=popen, address=f"{m.group(1)}:{m.group(2)}", output=seen
+                )
                 # Keep draining the pipe so a chatty child never blocks on a full buffer.
                 threading.Thread(target=_drain, args=(popen, seen), daemon=True).start()
                 return proc
@@ -102,8 +105,9 @@ def start(name: str, argv: Sequence[str], *, timeout: float = 20.0,
         sel.close()
 
 
-def start_sim(name: str, models: Sequence[str], *extra: str, host: str = "127.0.0.1",
-              timeout: float = 20.0) -> Proc:
+def start_sim(
+    name: str, models: Sequence[str], *extra: str, host: str = "127.0.0.1", timeout: float = 20.0
+) -> Proc:
     args = ["backend", "sim", "--listen", f"{host}:0", "--instance-id", name]
     for m in models:
         args += ["--model", m]

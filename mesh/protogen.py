@@ -38,7 +38,10 @@ def _protoc(args: list[str]) -> None:
     cmd = [sys.executable, "-m", "grpc_tools.protoc", f"-I{include}", *args]
     # betterproto2's plugin formats its output by running `ruff` from PATH: put the venv's
     # bin/ first so the pinned ruff (and so the same bytes) is used everywhere.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"protoc failed:\n{' '.join(cmd)}\n{result.stderr}")

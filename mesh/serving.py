@@ -87,7 +87,7 @@ class Health:
     """grpc.health.v1 for a set of services, switched together."""
 
     def __init__(self, server: grpc.aio.Server, service_names: Sequence[str]) -> None:
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.service_names = ["", *service_names]
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
         self.serving = False

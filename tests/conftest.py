@@ -16,12 +16,18 @@ from aimesh.mesh.sim.service import SimConfig
 
 from .support import FAST, SimFactory
 
+
 @pytest.fixture
 async def make_sim() -> AsyncIterator[SimFactory]:
     started: list[RunningSim] = []
 
-    async def _make(config: SimConfig = FAST, *, faults: Faults | None = None,
-                    seed: int | None = 1, **changes: object) -> RunningSim:
+    async def _make(
+        config: SimConfig = FAST,
+        *,
+        faults: Faults | None = None,
+        seed: int | None = 1,
+        **changes: object,
+    ) -> RunningSim:
         sim = await start_sim(replace(config, **changes), "127.0.0.1:0", faults=faults, seed=seed)
         started.append(sim)
         return sim

@@ -27,7 +27,11 @@ def _files(root: Path) -> dict[str, bytes]:
 def _problems(committed: Path, fresh: Path) -> list[str]:
     old, new = _files(committed), _files(fresh)
     return (
-        [f"stale: {committed.name}/{n}" for n in sorted(old.keys() & new.keys()) if old[n] != new[n]]
+        [
+            f"stale: {committed.name}/{n}"
+            for n in sorted(old.keys() & new.keys())
+            if old[n] != new[n]
+        ]
         + [f"missing: {committed.name}/{n}" for n in sorted(new.keys() - old.keys())]
         + [f"left over: {committed.name}/{n}" for n in sorted(old.keys() - new.keys())]
     )

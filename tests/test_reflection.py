@@ -16,8 +16,9 @@ from aimesh.mesh.serving import REFLECTION_V1, REFLECTION_V1ALPHA
 INFERENCE = "aimesh.inference.v1.Inference"
 
 
-def _reflect(address: str, service: str, request: reflection_pb2.ServerReflectionRequest
-             ) -> reflection_pb2.ServerReflectionResponse:
+def _reflect(
+    address: str, service: str, request: reflection_pb2.ServerReflectionRequest
+) -> reflection_pb2.ServerReflectionResponse:
     # v1 and v1alpha share message shapes, so v1alpha's classes speak both.
     with grpc.insecure_channel(address) as ch:
         call = ch.stream_stream(
@@ -30,16 +31,25 @@ def _reflect(address: str, service: str, request: reflection_pb2.ServerReflectio
 
 @pytest.mark.parametrize("service", [REFLECTION_V1, REFLECTION_V1ALPHA])
 def test_both_reflection_versions_list_services(sim_process_address: str, service: str) -> None:
-    resp = _reflect(sim_process_address, service,
-                    reflection_pb2.ServerReflectionRequest(list_services=""))
+    resp = _reflect(
+        sim_process_address, service, reflection_pb2.ServerReflectionRequest(list_services="")
+    )
     names = {s.name for s in resp.list_services_response.service}
-    assert {INFERENCE, "aimesh.sim.v1.SimControl", "grpc.health.v1.Health",
-            REFLECTION_V1, REFLECTION_V1ALPHA} <= names
+    assert {
+        INFERENCE,
+        "aimesh.sim.v1.SimControl",
+        "grpc.health.v1.Health",
+        REFLECTION_V1,
+        REFLECTION_V1ALPHA,
+    } <= names
 
 
 def test_v1_reflection_describes_itself(sim_process_address: str) -> None:
-    resp = _reflect(sim_process_address, REFLECTION_V1,
-                    reflection_pb2.ServerReflectionRequest(file_containing_symbol=REFLECTION_V1))
+    resp = _reflect(
+        sim_process_address,
+        REFLECTION_V1,
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=REFLECTION_V1),
+    )
     assert resp.file_descriptor_response.file_descriptor_proto
     assert not resp.HasField("error_response")
 
@@ -49,8 +59,12 @@ def test_grpc_requests_client_calls_through_reflection(sim_process_address: str)
 
     client = Client.get_by_endpoint(sim_process_address)
     assert INFERENCE in client.service_names
-    req = {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}], "seed": 4,
-           "maxTokens": 6}
+    req = {
+        "model": "gpt-4",
+        "messages": [{"role": "user", "content": "hi"}],
+        "seed": 4,
+        "maxTokens": 6,
+    }
     unary = client.request(INFERENCE, "Generate", req)
     chunks = list(client.request(INFERENCE, "GenerateStream", req))
     assert unary["finish_reason"] == "FINISH_REASON_LENGTH"
@@ -75,16 +89,20 @@ def test_grpcurl_lists_describes_and_streams(sim_process_address: str) -> None:
     grpcurl = _grpcurl()
 
     def run(*args: str) -> str:
-        out = subprocess.run([grpcurl, "-plaintext", *args], capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(
+            [grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=30
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout
 
     assert INFERENCE in run(sim_process_address, "list").split()
     described = run(sim_process_address, "describe", INFERENCE)
-    assert "rpc GenerateStream ( .aimesh.inference.v1.GenerateRequest ) returns ( stream" in described
-    body = json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}],
-                       "maxTokens": 5})
+    assert (
+        "rpc GenerateStream ( .aimesh.inference.v1.GenerateRequest ) returns ( stream" in described
+    )
+    body = json.dumps(
+        {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}], "maxTokens": 5}
+    )
     out = run("-d", body, sim_process_address, f"{INFERENCE}/GenerateStream")
     chunks, pos, decoder = [], 0, json.JSONDecoder()
     while out[pos:].strip():

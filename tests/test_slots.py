@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from aimesh.mesh.sim.slots import QueueFull, SlotPool
+from aimesh.mesh.sim.slots import PoolClosed, QueueFull, SlotPool
 
 
 async def test_slots_then_queue_then_refusal() -> None:
@@ -58,3 +58,17 @@ def test_rejects_bad_sizes() -> None:
         SlotPool(0, 1)
     with pytest.raises(ValueError, match="max_queue must not be negative"):
         SlotPool(1, -1)
+
+
+async def test_close_fails_waiters_and_later_acquires() -> None:
+    pool = SlotPool(slots=1, max_queue=2)
+    await pool.acquire()
+    waiter = asyncio.create_task(pool.acquire())
+    await asyncio.sleep(0)
+    pool.close()
+    with pytest.raises(PoolClosed):
+        await waiter
+    with pytest.raises(PoolClosed):
+        await pool.acquire()
+    pool.release()
+    assert (pool.active, pool.queued) == (0, 0)

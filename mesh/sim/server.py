@@ -10,9 +10,8 @@ from dataclasses import dataclass, replace
 import grpc
 
 from aimesh.inference.v1 import inference_pb2, inference_pb2_grpc
-from aimesh.sim.v1 import sim_pb2, sim_pb2_grpc
-
 from aimesh.interceptors import DecodeErrorInterceptor
+from aimesh.sim.v1 import sim_pb2, sim_pb2_grpc
 
 from ..serving import Health, bind, enable_reflection, server_options, stop_on_signals
 from .faults import Faults
@@ -29,10 +28,14 @@ class RunningSim:
     health: Health
     port: int
 
-    async def stop(self, grace: float | None = 5.0) -> None:
-        """Graceful stop: NOT_SERVING, refuse new calls, let in-flight ones finish in `grace`."""
+    async def stop(self, grace: float = 5.0) -> int:
+        """Graceful stop: NOT_SERVING, refuse new generations, let in-flight ones finish
+        within `grace`, end the rest with UNAVAILABLE. Returns how many were cut short."""
         await self.health.shutdown()
-        await self.server.stop(grace)
+        cut = await self.backend.drain(grace)
+        # Only calls being ended with a status are left; give them a moment to send it.
+        await self.server.stop(1.0)
+        return cut
 
 
 async def start_sim(
@@ -87,5 +90,6 @@ async def serve(
         file=sys.stderr,
         flush=True,
     )
-    await sim.stop(grace)
-    print(f"aimesh sim backend {c.instance_id}: stopped", file=sys.stderr, flush=True)
+    cut = await sim.stop(grace)
+    note = f" ({cut} calls cut short after the grace period)" if cut else ""
+    print(f"aimesh sim backend {c.instance_id}: stopped{note}", file=sys.stderr, flush=True)

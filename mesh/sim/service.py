@@ -14,6 +14,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -24,7 +25,7 @@ from aimesh.sim.v1 import sim_pb2, sim_pb2_grpc
 from ..errors import MeshError, invalid_argument, status_code_from_number
 from ..orca import ACTIVE, LOAD_TRAILERS, QUEUE_DEPTH, SLOTS, LoadReport
 from .faults import Faults
-from .slots import QueueFull, SlotPool
+from .slots import PoolClosed, QueueFull, SlotPool
 from .tokens import Completion, StopMatcher, count_tokens, embedding
 
 INSTANCE_TRAILER = "aimesh-instance"
@@ -99,6 +100,42 @@ class SimBackend:
         # Set by the server: switches grpc.health.v1 (SimControl.SetServing).
         self.on_serving_change: Callable[[bool], Awaitable[None]] | None = None
         self.serving = True
+        self.draining = False  # new generations are refused
+        self.aborting = False  # in-flight generations end now (grace period over)
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, grace: float) -> int:
+        """Refuses new generations and waits up to `grace` for in-flight ones to finish;
+        then ends the rest with UNAVAILABLE. Returns how many were cut short."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+            return 0
+        except TimeoutError:
+            self.aborting = True
+            cut = self.inflight
+            self.pool.close()
+            return cut
+
+    async def wait_idle(self) -> None:
+        """Returns once no generation is running or queued on this instance."""
+        await self._idle.wait()
+
+    def _enter(self) -> None:
+        if self.draining:
+            raise MeshError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{self.instance_id} is shutting down; retry on another instance",
+            )
+        self.inflight += 1
+        self._idle.clear()
+
+    def _exit(self) -> None:
+        self.inflight -= 1
+        if not self.inflight:
+            self._idle.set()
 
     def load_report(self) -> LoadReport:
         slots = self.config.slots
@@ -160,7 +197,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     # -- shared call handling ---------------------------------------------------------
 
-    async def _fail(self, context: grpc.aio.ServicerContext, err: MeshError) -> None:
+    async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], err: MeshError) -> None:
         trailers = list(self.b.trailers())
         if err.pushback_ms is not None:
             trailers.append((PUSHBACK_TRAILER, str(err.pushback_ms)))
@@ -173,15 +210,25 @@ class InferenceService(pb_grpc.InferenceServicer):
         return max(1, int(1000 * per_gen * (1 + self.b.pool.queued) / c.slots))
 
     async def _generate(
-        self, r: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, r: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateChunk]:
         """Yields chunks with pacing; the last has finish_reason and usage."""
-        b, c = self.b, self.b.config
+        b = self.b
         self._check_generate(r)
         faults = b.faults
         if (code := faults.injected_error(b.rng)) is not None:
             b.stats.faults += 1
             raise MeshError(code, f"injected fault on {b.instance_id} ({code.name})")
+        b._enter()
+        try:
+            async for chunk in self._generate_admitted(r):
+                yield chunk
+        finally:
+            b._exit()
+
+    async def _generate_admitted(self, r: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+        b, c = self.b, self.b.config
+        faults = b.faults
         try:
             slot = b.pool.slot()
             await slot.__aenter__()
@@ -192,13 +239,22 @@ class InferenceService(pb_grpc.InferenceServicer):
                 f"{b.instance_id} is overloaded: {exc}; retry later or elsewhere",
                 pushback_ms=self._pushback_ms(),
             ) from exc
+        except PoolClosed as exc:
+            raise MeshError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{b.instance_id} shut down before this call got a slot; retry elsewhere",
+            ) from exc
         try:
             completion = Completion.for_prompt(
                 r.model, _prompt_turns(r), r.seed if r.HasField("seed") else None, c.length_range
             )
             limit = r.max_tokens or c.default_max_tokens
             end = min(completion.natural_length, limit)
-            finish = pb.FINISH_REASON_STOP if completion.natural_length <= limit else pb.FINISH_REASON_LENGTH
+            finish = (
+                pb.FINISH_REASON_STOP
+                if completion.natural_length <= limit
+                else pb.FINISH_REASON_LENGTH
+            )
             start, owed = completion.resume_point(r.continuation)
             prompt_tokens = sum(count_tokens(m.content) for m in r.messages)
             matcher = StopMatcher(r.stop)
@@ -214,6 +270,12 @@ class InferenceService(pb_grpc.InferenceServicer):
             pos = start
             stopped = False
             while pos < end and not stopped:
+                if b.aborting:
+                    raise MeshError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"{b.instance_id} shut down before this stream finished "
+                        f"({pos - start} tokens delivered); resume elsewhere with continuation",
+                    )
                 if c.tokens_per_second and not first:
                     interval = (1 + c.batch_slowdown * (b.pool.active - 1)) / c.tokens_per_second
                     next_at += interval
@@ -272,7 +334,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     # -- RPCs -------------------------------------------------------------------------
 
     async def GenerateStream(  # noqa: N802 (gRPC method name)
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateChunk]:
         b = self.b
         b.stats.record_call(b.clock())
@@ -287,7 +349,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         context.set_trailing_metadata(b.trailers())
 
     async def Generate(  # noqa: N802
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GenerateResponse:
         b = self.b
         b.stats.record_call(b.clock())
@@ -312,7 +374,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         )
 
     async def Embed(  # noqa: N802
-        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.EmbedResponse:
         b = self.b
         b.stats.record_call(b.clock())
@@ -321,7 +383,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             if not request.inputs:
                 raise invalid_argument("inputs", "must not be empty; send at least one text")
             if request.dimensions < 0:
-                raise invalid_argument("dimensions", f"must not be negative, got {request.dimensions}")
+                raise invalid_argument(
+                    "dimensions", f"must not be negative, got {request.dimensions}"
+                )
             if (code := b.faults.injected_error(b.rng)) is not None:
                 b.stats.faults += 1
                 raise MeshError(code, f"injected fault on {b.instance_id} ({code.name})")
@@ -340,7 +404,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         )
 
     async def ListModels(  # noqa: N802
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
         c = self.b.config
         self.b.stats.record_call(self.b.clock())
@@ -369,13 +433,13 @@ class SimControlService(sim_pb2_grpc.SimControlServicer):
         return sim_pb2.Faults(
             error_rate=f.error_rate,
             error_code=f.error_code.value[0],
-            extra_latency_ms=int(round(f.extra_latency * 1000)),
+            extra_latency_ms=round(f.extra_latency * 1000),
             die_after_tokens=f.die_after_tokens,
             die_exits_process=f.die_exits_process,
         )
 
     async def SetFaults(  # noqa: N802
-        self, request: sim_pb2.Faults, context: grpc.aio.ServicerContext
+        self, request: sim_pb2.Faults, context: grpc.aio.ServicerContext[Any, Any]
     ) -> sim_pb2.Faults:
         try:
             code = status_code_from_number(request.error_code or 14)
@@ -391,12 +455,12 @@ class SimControlService(sim_pb2_grpc.SimControlServicer):
         return self._faults_pb()
 
     async def GetFaults(  # noqa: N802
-        self, request: sim_pb2.GetFaultsRequest, context: grpc.aio.ServicerContext
+        self, request: sim_pb2.GetFaultsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> sim_pb2.Faults:
         return self._faults_pb()
 
     async def GetStats(  # noqa: N802
-        self, request: sim_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+        self, request: sim_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> sim_pb2.Stats:
         b = self.b
         s = b.stats
@@ -414,7 +478,7 @@ class SimControlService(sim_pb2_grpc.SimControlServicer):
         )
 
     async def SetServing(  # noqa: N802
-        self, request: sim_pb2.SetServingRequest, context: grpc.aio.ServicerContext
+        self, request: sim_pb2.SetServingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> sim_pb2.SetServingResponse:
         if self.b.on_serving_change is not None:
             await self.b.on_serving_change(request.serving)
