@@ -1,0 +1,1 @@
+"""aimesh benchmarks: `make bench` (python -m bench) runs them and updates docs/benchmarks.md."""

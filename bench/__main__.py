@@ -1,0 +1,97 @@
+"""Runs the benchmarks and rewrites their sections of docs/benchmarks.md.
+
+    python -m bench [--duration SECONDS] [--only NAME]
+
+Today: the direct-call baseline against the sim backend (every later comparison, proxy,
+Envoy, proxyless, is reported against it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+from aimesh.mesh import procs
+
+from . import loadgen
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+async def _baseline(duration: float) -> str:
+    sim = procs.start_sim("bench-sim", ["gpt-4"], "--ttft", "0", "--tps", "0", "--slots", "256",
+                          "--max-queue", "1024", "--length", "1000-1000")
+    try:
+        rows = []
+        for conc in (1, 16):
+            cpu0 = loadgen.cpu_seconds(sim.pid)
+            r = await loadgen.unary(sim.address, concurrency=conc, duration=duration)
+            cpu = loadgen.cpu_seconds(sim.pid) - cpu0
+            print(f"  unary   c={conc:<3} {r.rate:8.0f} calls/s  p50 {_ms(r.p50())} ms  "
+                  f"p99 {_ms(r.p99())} ms  errors {r.errors}", flush=True)
+            rows.append(
+                f"| unary Generate (4 tokens) | {conc} | {r.rate:,.0f} calls/s | {_ms(r.p50())} | "
+                f"{_ms(r.p99())} | {1e6 * cpu / max(r.calls, 1):.0f} µs | {r.errors} |"
+            )
+        for conc in (1, 16):
+            cpu0 = loadgen.cpu_seconds(sim.pid)
+            r = await loadgen.streams(sim.address, concurrency=conc, duration=duration)
+            cpu = loadgen.cpu_seconds(sim.pid) - cpu0
+            print(f"  stream  c={conc:<3} {r.tokens_per_second:8.0f} tokens/s  ttft p50 "
+                  f"{_ms(r.pct(r.ttfts, 0.5))} ms  p99 {_ms(r.pct(r.ttfts, 0.99))} ms", flush=True)
+            rows.append(
+                f"| GenerateStream (200 tokens) | {conc} | {r.tokens_per_second:,.0f} tokens/s | "
+                f"TTFT {_ms(r.pct(r.ttfts, 0.5))} | TTFT {_ms(r.pct(r.ttfts, 0.99))} | "
+                f"{1e6 * cpu / max(r.tokens, 1):.0f} µs/token | {r.errors} |"
+            )
+    finally:
+        sim.terminate()
+    return "\n".join(
+        [
+            "| call | concurrency | throughput | p50 ms | p99 ms | backend CPU per call | errors |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
+def _update(section: str, body: str) -> None:
+    DOC.parent.mkdir(exist_ok=True)
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    begin, end = f"<!-- bench:{section}:begin -->", f"<!-- bench:{section}:end -->"
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOC.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    args = parser.parse_args()
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+    print(f"baseline: direct calls to one sim backend process ({args.duration:g}s each)")
+    table = asyncio.run(_baseline(args.duration))
+    _update(
+        "baseline",
+        f"Measured {stamp} on {machine}; load generator: `bench/loadgen.py` (grpc.aio, "
+        f"closed loop, one channel), {args.duration:g} s per row.\n\n{table}",
+    )
+    print(f"wrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
