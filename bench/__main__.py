@@ -28,16 +28,31 @@ def _ms(seconds: float) -> str:
 
 
 async def _baseline(duration: float) -> str:
-    sim = procs.start_sim("bench-sim", ["gpt-4"], "--ttft", "0", "--tps", "0", "--slots", "256",
-                          "--max-queue", "1024", "--length", "1000-1000")
+    sim = procs.start_sim(
+        "bench-sim",
+        ["gpt-4"],
+        "--ttft",
+        "0",
+        "--tps",
+        "0",
+        "--slots",
+        "256",
+        "--max-queue",
+        "1024",
+        "--length",
+        "1000-1000",
+    )
     try:
         rows = []
         for conc in (1, 16):
             cpu0 = loadgen.cpu_seconds(sim.pid)
             r = await loadgen.unary(sim.address, concurrency=conc, duration=duration)
             cpu = loadgen.cpu_seconds(sim.pid) - cpu0
-            print(f"  unary   c={conc:<3} {r.rate:8.0f} calls/s  p50 {_ms(r.p50())} ms  "
-                  f"p99 {_ms(r.p99())} ms  errors {r.errors}", flush=True)
+            print(
+                f"  unary   c={conc:<3} {r.rate:8.0f} calls/s  p50 {_ms(r.p50())} ms  "
+                f"p99 {_ms(r.p99())} ms  errors {r.errors}",
+                flush=True,
+            )
             rows.append(
                 f"| unary Generate (4 tokens) | {conc} | {r.rate:,.0f} calls/s | {_ms(r.p50())} | "
                 f"{_ms(r.p99())} | {1e6 * cpu / max(r.calls, 1):.0f} µs | {r.errors} |"
@@ -46,8 +61,11 @@ async def _baseline(duration: float) -> str:
             cpu0 = loadgen.cpu_seconds(sim.pid)
             r = await loadgen.streams(sim.address, concurrency=conc, duration=duration)
             cpu = loadgen.cpu_seconds(sim.pid) - cpu0
-            print(f"  stream  c={conc:<3} {r.tokens_per_second:8.0f} tokens/s  ttft p50 "
-                  f"{_ms(r.pct(r.ttfts, 0.5))} ms  p99 {_ms(r.pct(r.ttfts, 0.99))} ms", flush=True)
+            print(
+                f"  stream  c={conc:<3} {r.tokens_per_second:8.0f} tokens/s  ttft p50 "
+                f"{_ms(r.pct(r.ttfts, 0.5))} ms  p99 {_ms(r.pct(r.ttfts, 0.99))} ms",
+                flush=True,
+            )
             rows.append(
                 f"| GenerateStream (200 tokens) | {conc} | {r.tokens_per_second:,.0f} tokens/s | "
                 f"TTFT {_ms(r.pct(r.ttfts, 0.5))} | TTFT {_ms(r.pct(r.ttfts, 0.99))} | "
