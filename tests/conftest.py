@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 from dataclasses import replace
 
 import grpc
@@ -10,6 +11,9 @@ import grpc.aio
 import pytest
 
 from aimesh.mesh import procs
+from aimesh.mesh.config import load_dict
+from aimesh.mesh.proxy.cluster import EndpointAddr
+from aimesh.mesh.proxy.server import Proxy, ProxySettings
 from aimesh.mesh.sim.faults import Faults
 from aimesh.mesh.sim.server import RunningSim, start_sim
 from aimesh.mesh.sim.service import SimConfig
@@ -56,3 +60,20 @@ def sim_process_address() -> Iterator[str]:
         yield proc.address
     finally:
         proc.terminate()
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
+    started: list[Proxy] = []
+
+    async def _make(doc: dict[str, object], *, seed: int = 7,
+                    extra: dict[str, list[EndpointAddr]] | None = None, **settings: Any) -> Proxy:
+        proxy = Proxy(ProxySettings(listen="127.0.0.1:0", seed=seed, extra_endpoints=extra or {},
+                                    **settings))
+        await proxy.start(load_dict(doc, source="test"))
+        started.append(proxy)
+        return proxy
+
+    yield _make
+    for p in started:
+        await p.stop(0.5)

@@ -1,0 +1,1 @@
+"""The routing gRPC proxy (gateway or sidecar): raw-bytes forwarding of any gRPC call."""

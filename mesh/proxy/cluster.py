@@ -1,0 +1,240 @@
+"""A service's upstream endpoints: one channel each, health state, and the picker.
+
+The eligible list (healthy and not ejected) is rebuilt only when something changes, so a
+pick costs the picker's own work and nothing else.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from ..balance import Endpoint, Picker, make_picker
+from ..errors import MeshError
+from ..orca import LoadReport
+
+# Statuses that say the endpoint (not the request) is in trouble: they count toward
+# passive ejection. Application errors (NOT_FOUND, INVALID_ARGUMENT, ...) do not.
+ENDPOINT_FAILURES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+     grpc.StatusCode.DATA_LOSS}
+)
+
+UU, US, SU, SS = "uu", "us", "su", "ss"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointAddr:
+    address: str
+    weight: int = 1
+    zone: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    consecutive_errors: int = 5
+    base_ejection: float = 30.0
+    max_ejection_fraction: float = 0.5
+
+
+class Upstream:
+    """One endpoint of a cluster: its balancer state, channel and health."""
+
+    __slots__ = (
+        "_mc", "active_healthy", "channel", "consecutive_failures", "ejected_until",
+        "ejections", "endpoint",
+    )
+
+    def __init__(self, endpoint: Endpoint, channel: grpc.aio.Channel) -> None:
+        self.endpoint = endpoint
+        self.channel = channel
+        self.active_healthy = True  # verdict of active health checks
+        self.consecutive_failures = 0  # passive: call failures in a row
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self._mc: dict[tuple[str, str], Any] = {}
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
+
+    def multicallable(self, method: str, kind: str) -> Any:
+        """One multicallable per (method, kind), cached: creating one costs more than a call."""
+        key = (method, kind)
+        mc = self._mc.get(key)
+        if mc is None:
+            ch = self.channel
+            factory = {UU: ch.unary_unary, US: ch.unary_stream, SU: ch.stream_unary,
+                       SS: ch.stream_stream}[kind]
+            mc = factory(method)
+            self._mc[key] = mc
+        return mc
+
+    def __repr__(self) -> str:
+        state = "healthy" if self.active_healthy else "unhealthy"
+        if self.ejected_until:
+            state += " ejected"
+        return f"<Upstream {self.address} {state} inflight={self.endpoint.inflight}>"
+
+
+ChannelFactory = Callable[[str], grpc.aio.Channel]
+
+
+def insecure_channel_factory(options: list[tuple[str, Any]]) -> ChannelFactory:
+    def make(address: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(address, options=options)
+
+    return make
+
+
+class Cluster:
+    def __init__(
+        self,
+        name: str,
+        *,
+        algorithm: str,
+        channel_factory: ChannelFactory,
+        outlier: OutlierPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self.algorithm = algorithm
+        self.picker: Picker = make_picker(algorithm, clock=clock, rng=rng or random.Random())
+        self.wants_load = algorithm == "load_aware"
+        self.outlier = outlier or OutlierPolicy()
+        self.clock = clock
+        self._channel_factory = channel_factory
+        self.upstreams: dict[str, Upstream] = {}
+        self._eligible: list[Endpoint] = []
+        self._by_endpoint: dict[int, Upstream] = {}
+        self._next_expiry = float("inf")
+        # Called with (cluster, upstream) when an endpoint appears or goes; health checks hook in.
+        self.on_added: list[Callable[[Cluster, Upstream], None]] = []
+        self.on_removed: list[Callable[[Cluster, Upstream], None]] = []
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.name} {len(self._eligible)}/{len(self.upstreams)} eligible {self.algorithm}>"
+
+    # -- membership ---------------------------------------------------------------------
+
+    def set_endpoints(self, endpoints: Iterable[EndpointAddr]) -> list[grpc.aio.Channel]:
+        """Replaces the endpoint set; returns channels of removed endpoints for the caller
+        to close once their in-flight calls are done."""
+        wanted = {e.address: e for e in endpoints}
+        closed: list[grpc.aio.Channel] = []
+        for address in list(self.upstreams):
+            if address not in wanted:
+                up = self.upstreams.pop(address)
+                closed.append(up.channel)
+                for cb in self.on_removed:
+                    cb(self, up)
+        for address, spec in wanted.items():
+            up = self.upstreams.get(address)
+            if up is None:
+                up = Upstream(Endpoint(address, spec.weight, spec.zone), self._channel_factory(address))
+                self.upstreams[address] = up
+                for cb in self.on_added:
+                    cb(self, up)
+            else:
+                up.endpoint.weight = spec.weight
+                up.endpoint.zone = spec.zone
+        self.rebuild()
+        return closed
+
+    # -- health -------------------------------------------------------------------------
+
+    def rebuild(self) -> None:
+        now = self.clock()
+        eligible: list[Endpoint] = []
+        by_endpoint: dict[int, Upstream] = {}
+        next_expiry = float("inf")
+        for up in self.upstreams.values():
+            if up.ejected_until and up.ejected_until <= now:
+                up.ejected_until = 0.0
+            if up.ejected_until:
+                next_expiry = min(next_expiry, up.ejected_until)
+            elif up.active_healthy:
+                eligible.append(up.endpoint)
+                by_endpoint[id(up.endpoint)] = up
+        self._eligible = eligible
+        self._by_endpoint = by_endpoint
+        self._next_expiry = next_expiry
+
+    def set_active_health(self, up: Upstream, healthy: bool) -> None:
+        if up.active_healthy != healthy:
+            up.active_healthy = healthy
+            if healthy:
+                up.consecutive_failures = 0
+            self.rebuild()
+
+    def has_eligible(self) -> bool:
+        if self.clock() >= self._next_expiry:
+            self.rebuild()
+        return bool(self._eligible)
+
+    # -- the hot path -------------------------------------------------------------------
+
+    def pick(self, exclude: Iterable[str] = ()) -> Upstream:
+        if self.clock() >= self._next_expiry:
+            self.rebuild()
+        if not self._eligible:
+            total = len(self.upstreams)
+            why = "it has no endpoints" if not total else f"all {total} endpoints are unhealthy or ejected"
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"service {self.name}: {why}")
+        ep = self.picker.pick(self._eligible, tuple(exclude))
+        self.picker.started(ep)
+        return self._by_endpoint[id(ep)]
+
+    def finished(self, up: Upstream, latency: float, code: grpc.StatusCode | None,
+                 trailers: Any = None) -> None:
+        """Reports a call's end: balancer state, and passive outlier detection."""
+        failed = code in ENDPOINT_FAILURES
+        load = None
+        if self.wants_load and trailers:
+            for key, value in trailers:
+                if key == "aimesh-load-bin":
+                    load = LoadReport.decode(value)
+                    break
+        self.picker.finished(up.endpoint, latency=latency, ok=not failed, load=load)
+        if not failed:
+            up.consecutive_failures = 0
+            return
+        up.consecutive_failures += 1
+        if up.consecutive_failures >= self.outlier.consecutive_errors and not up.ejected_until:
+            self._eject(up)
+
+    def _eject(self, up: Upstream) -> None:
+        ejected = sum(1 for u in self.upstreams.values() if u.ejected_until)
+        if ejected + 1 > max(1, int(self.outlier.max_ejection_fraction * len(self.upstreams))):
+            return  # never eject so many that the rest drown (Envoy's max_ejection_percent)
+        up.ejections += 1
+        up.ejected_until = self.clock() + self.outlier.base_ejection * up.ejections
+        up.consecutive_failures = 0
+        self.rebuild()
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "name": self.name,
+            "algorithm": self.algorithm,
+            "eligible": len(self._eligible),
+            "endpoints": [
+                {
+                    "address": u.address,
+                    "weight": u.endpoint.weight,
+                    "zone": u.endpoint.zone,
+                    "healthy": u.active_healthy,
+                    "ejected_for_s": round(max(0.0, u.ejected_until - now), 3) if u.ejected_until else 0,
+                    "inflight": u.endpoint.inflight,
+                    "consecutive_failures": u.consecutive_failures,
+                }
+                for u in self.upstreams.values()
+            ],
+        }

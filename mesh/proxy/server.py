@@ -1,0 +1,252 @@
+"""Assembles the proxy: listener(s), forwarding, clusters, health checks, reflection, admin.
+
+    gateway:  clients -> [listen] -> route + balance -> services' endpoints
+    sidecar:  outbound: local app -> [listen] -> route + balance -> mesh services
+              inbound:  mesh -> [inbound] -> the local app (one endpoint)
+
+Both modes use the same Forwarder; a sidecar simply runs two of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
+
+from aimesh.inference.v1 import inference_pb2
+
+from ..config import MeshConfig, ServiceSpec
+from ..serving import HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA, Health, bind, server_options
+from ..serving import _register_reflection_v1_descriptor as register_v1_descriptor
+from . import descriptors
+from .cluster import Cluster, EndpointAddr, OutlierPolicy, insecure_channel_factory
+from .forward import Forwarder, GenericHandler
+from .health import HealthChecker, HealthPolicy
+from .router import Router
+
+log = logging.getLogger("aimesh.proxy")
+
+# Keep upstream connections warm and notice dead peers quickly.
+UPSTREAM_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_retries", 0),  # retries are the mesh's decision, not the channel's
+]
+
+
+@dataclass
+class ProxySettings:
+    listen: str = "127.0.0.1:0"
+    mode: str = "gateway"  # or "sidecar"
+    inbound_listen: str | None = None  # sidecar: where the mesh reaches the local app
+    local_app: str | None = None  # sidecar: HOST:PORT of the app beside this proxy
+    max_message_bytes: int = 16 * 1024 * 1024
+    # Endpoints from the command line, added to (or replacing) those in the YAML.
+    extra_endpoints: Mapping[str, Sequence[EndpointAddr]] = field(default_factory=dict)
+    seed: int | None = None
+
+
+def _health_policy(spec: ServiceSpec | None) -> HealthPolicy:
+    if spec is None:
+        return HealthPolicy()
+    hc = spec.load_balancer.health_check
+    return HealthPolicy(interval=hc.interval, timeout=hc.timeout, threshold=hc.threshold,
+                        healthy_threshold=hc.healthy_threshold, service=hc.service,
+                        enabled=hc.enabled)
+
+
+def _outlier(spec: ServiceSpec | None) -> OutlierPolicy:
+    if spec is None:
+        return OutlierPolicy()
+    o = spec.load_balancer.outlier_detection
+    return OutlierPolicy(consecutive_errors=o.consecutive_errors,
+                         base_ejection=o.base_ejection_time,
+                         max_ejection_fraction=o.max_ejection_percent)
+
+
+class ReflectionRelay:
+    """Serves reflection v1 and v1alpha from the catalog of services behind the proxy."""
+
+    def __init__(self, catalog: descriptors.Catalog) -> None:
+        self.catalog = catalog
+        self._servicer: ReflectionServicer | None = None
+        self._known = -1
+
+    def servicer(self) -> ReflectionServicer:
+        if self._servicer is None or self._known != len(self.catalog.services):
+            names = sorted({*self.catalog.services, HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA})
+            self._servicer = ReflectionServicer(names, pool=self.catalog.pool)
+            self._known = len(self.catalog.services)
+        return self._servicer
+
+    def register(self, server: grpc.aio.Server) -> None:
+        async def info(requests: Any, context: Any) -> Any:
+            async for response in self.servicer().ServerReflectionInfo(requests, context):
+                yield response
+
+        handler = grpc.stream_stream_rpc_method_handler(
+            info,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+        for service in (REFLECTION_V1ALPHA, REFLECTION_V1):
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),)
+            )
+
+
+class Proxy:
+    def __init__(self, settings: ProxySettings) -> None:
+        self.settings = settings
+        self.rng = random.Random(settings.seed)
+        self.config: MeshConfig | None = None
+        self.clusters: dict[str, Cluster] = {}
+        self.health_checker = HealthChecker()
+        # Inference is aimesh's own contract: known from the start, so its calls get the
+        # right handler type and model routing before any backend has been asked.
+        self.catalog = descriptors.Catalog(
+            seed_files=[health_pb2.DESCRIPTOR.name, inference_pb2.DESCRIPTOR.name]
+        )
+        register_v1_descriptor(self.catalog.pool)
+        self.catalog.services.add(REFLECTION_V1)
+        self._channel_factory = insecure_channel_factory(
+            [*UPSTREAM_OPTIONS,
+             ("grpc.max_receive_message_length", settings.max_message_bytes),
+             ("grpc.max_send_message_length", settings.max_message_bytes)]
+        )
+        self.forwarder: Forwarder | None = None
+        self.inbound: Forwarder | None = None
+        self.servers: list[grpc.aio.Server] = []
+        self.healths: list[Health] = []
+        self.ports: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing: list[grpc.aio.Channel] = []
+
+    # -- configuration ------------------------------------------------------------------
+
+    def _endpoints_for(self, name: str, spec: ServiceSpec | None) -> list[EndpointAddr]:
+        eps = [EndpointAddr(e.address, e.weight, e.zone) for e in (spec.endpoints if spec else ())]
+        eps += list(self.settings.extra_endpoints.get(name, ()))
+        return eps
+
+    def apply(self, config: MeshConfig) -> None:
+        """Makes `config` live: clusters are created, updated or removed; calls in flight
+        keep their upstream. `config` is already validated (load_* raised otherwise)."""
+        names = {s.name for s in config.services} | set(config.destinations())
+        names |= set(self.settings.extra_endpoints)
+        new: dict[str, Cluster] = {}
+        for name in sorted(names):
+            spec = config.service(name)
+            algorithm = spec.load_balancer.algorithm if spec else "least_connections"
+            cluster = self.clusters.get(name)
+            if cluster is None or cluster.algorithm != algorithm:
+                if cluster is not None:
+                    self._retire(cluster)
+                cluster = Cluster(name, algorithm=algorithm, channel_factory=self._channel_factory,
+                                  outlier=_outlier(spec), rng=random.Random(self.rng.random()))
+                self.health_checker.attach(cluster, _health_policy(spec))
+                cluster.on_added.append(self._learn)
+            else:
+                cluster.outlier = _outlier(spec)
+            self._closing += cluster.set_endpoints(self._endpoints_for(name, spec))
+            new[name] = cluster
+        for name, cluster in self.clusters.items():
+            if name not in new:
+                self._retire(cluster)
+        self.clusters = new
+        self.config = config
+        router = Router(config)
+        if self.forwarder is None:
+            self.forwarder = Forwarder(router, new, rng=self.rng)
+        else:
+            self.forwarder.update(router, new)
+        for cluster in new.values():
+            for up in cluster.upstreams.values():
+                self._learn(cluster, up)
+
+    def _retire(self, cluster: Cluster) -> None:
+        self._closing += cluster.set_endpoints(())
+
+    def _learn(self, cluster: Cluster, up: Any) -> None:
+        """Fetches the endpoint's service descriptors once per cluster, in the background."""
+        key = f"learn:{cluster.name}"
+        if any(t.get_name() == key for t in self._tasks) or getattr(cluster, "_learned", False):
+            return
+        cluster._learned = True  # type: ignore[attr-defined]
+        task = asyncio.get_running_loop().create_task(
+            descriptors.discover(self.catalog, up.channel, f"{cluster.name}/{up.address}"), name=key
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- serving ------------------------------------------------------------------------
+
+    def _server(self, forwarder: Forwarder) -> tuple[grpc.aio.Server, Health]:
+        server = grpc.aio.server(options=server_options(self.settings.max_message_bytes))
+        health = Health(server, [])
+        ReflectionRelay(self.catalog).register(server)
+        server.add_generic_rpc_handlers((GenericHandler(forwarder, self.catalog.kinds),))
+        return server, health
+
+    async def start(self, config: MeshConfig) -> None:
+        self.apply(config)
+        assert self.forwarder is not None
+        outbound, health = self._server(self.forwarder)
+        self.ports["listen"] = bind(outbound, self.settings.listen)
+        self.servers.append(outbound)
+        self.healths.append(health)
+        if self.settings.mode == "sidecar":
+            if not self.settings.inbound_listen or not self.settings.local_app:
+                raise ValueError("sidecar mode needs --inbound HOST:PORT and --local-app HOST:PORT")
+            local = Cluster("local-app", algorithm="round_robin",
+                            channel_factory=self._channel_factory)
+            local.set_endpoints([EndpointAddr(self.settings.local_app)])
+            self.health_checker.attach(local, HealthPolicy(interval=5.0))
+            self.inbound = Forwarder(Router.catch_all("local-app"), {"local-app": local},
+                                     rng=self.rng)
+            inbound, in_health = self._server(self.inbound)
+            self.ports["inbound"] = bind(inbound, self.settings.inbound_listen)
+            self.servers.append(inbound)
+            self.healths.append(in_health)
+            self._learn(local, next(iter(local.upstreams.values())))
+        for server in self.servers:
+            await server.start()
+        for h in self.healths:
+            await h.set_serving(True)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for h in self.healths:
+            await h.shutdown()
+        await asyncio.gather(*(s.stop(grace) for s in self.servers))
+        await self.health_checker.close()
+        for t in list(self._tasks):
+            t.cancel()
+        channels = [u.channel for c in self.clusters.values() for u in c.upstreams.values()]
+        if self.inbound is not None:
+            channels += [u.channel for c in self.inbound.clusters.values()
+                         for u in c.upstreams.values()]
+        await asyncio.gather(*(ch.close() for ch in channels + self._closing),
+                             return_exceptions=True)
+
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mode": self.settings.mode,
+            "ports": self.ports,
+            "config": self.config.metadata.name if self.config else None,
+            "clusters": [c.snapshot() for c in self.clusters.values()],
+            "services_learned": sorted(self.catalog.services),
+        }
+        if self.inbound is not None:
+            out["inbound"] = [c.snapshot() for c in self.inbound.clusters.values()]
+        return out

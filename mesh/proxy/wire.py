@@ -1,0 +1,53 @@
+"""A cheap read of one string field from serialized protobuf bytes, without parsing.
+
+Routing an Inference call by its `model` (field 1 of GenerateRequest and EmbedRequest)
+must not cost a full deserialization on the hot path; this walks the wire format just far
+enough to find the field, skipping every other field by its wire type.
+"""
+
+from __future__ import annotations
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def read_string_field(data: bytes, field_number: int) -> str | None:
+    """The last value of a length-delimited field (proto3 semantics), or None if absent.
+
+    Returns None too for bytes that are not valid protobuf: the caller then routes as if
+    the field were missing, and the backend answers the malformed request itself.
+    """
+    found: str | None = None
+    pos, end = 0, len(data)
+    try:
+        while pos < end:
+            key, pos = _varint(data, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 2:
+                length, pos = _varint(data, pos)
+                if number == field_number:
+                    found = data[pos : pos + length].decode("utf-8")
+                pos += length
+            elif wire_type == 5:
+                pos += 4
+            else:  # groups (3, 4) are not used by our contracts; give up politely
+                return found
+            if pos > end:
+                return None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return found

@@ -1,0 +1,155 @@
+"""The proxy is transparent: any service, all four call types, headers, trailers, statuses."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aimesh.inference.v1 import inference_pb2 as pb
+from aimesh.inference.v1 import inference_pb2_grpc as pb_grpc
+from aimesh.mesh.proxy.cluster import EndpointAddr
+
+from . import echo
+from .support import SimFactory, mesh_doc, prompt
+
+ECHO_DOC = mesh_doc(
+    [{"name": "echo"}],
+    [{"name": "echo-all", "match": {"service": echo.SERVICE}, "routes": [{"destination": "echo"}]}],
+)
+
+
+@pytest.fixture
+async def echo_via_proxy(make_proxy) -> AsyncIterator[grpc.aio.Channel]:  # type: ignore[no-untyped-def]
+    server, port = await echo.start()
+    proxy = await make_proxy(ECHO_DOC, extra={"echo": [EndpointAddr(f"127.0.0.1:{port}")]})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
+        yield ch
+    await server.stop(None)
+
+
+MD = (("x-user", "alice"), ("x-blob-bin", b"\x00\x01\xff"))
+
+
+def _path(method: str) -> str:
+    return f"/{echo.SERVICE}/{method}"
+
+
+async def test_unary_passes_messages_headers_and_trailers(echo_via_proxy: grpc.aio.Channel) -> None:
+    call = echo_via_proxy.unary_unary(_path("Unary"))(b"hello", metadata=MD)
+    assert await call == b"u:hello"
+    initial = dict(await call.initial_metadata())
+    assert initial["echo-x-user"] == "alice"
+    assert initial["echo-x-blob-bin"] == b"\x00\x01\xff"
+    trailers = dict(await call.trailing_metadata())
+    assert trailers["x-trailer"] == "bye"
+    assert trailers["x-deadline-ms"] == "none"
+
+
+async def test_server_stream(echo_via_proxy: grpc.aio.Channel) -> None:
+    call = echo_via_proxy.unary_stream(_path("ServerStream"))(b"x", metadata=MD)
+    assert [m async for m in call] == [b"s0:x", b"s1:x", b"s2:x"]
+    assert dict(await call.initial_metadata())["echo-x-user"] == "alice"
+    assert dict(await call.trailing_metadata())["x-trailer"] == "bye"
+
+
+async def test_client_stream(echo_via_proxy: grpc.aio.Channel) -> None:
+    async def gen() -> AsyncIterator[bytes]:
+        for part in (b"a", b"b", b"c"):
+            yield part
+
+    call = echo_via_proxy.stream_unary(_path("ClientStream"))(gen(), metadata=MD)
+    assert await call == b"c:a|b|c"
+    assert dict(await call.trailing_metadata())["x-trailer"] == "bye"
+
+
+async def test_bidi_stream_interleaves(echo_via_proxy: grpc.aio.Channel) -> None:
+    call = echo_via_proxy.stream_stream(_path("Bidi"))(metadata=MD)
+    for part in (b"1", b"2", b"3"):
+        await call.write(part)
+        assert await call.read() == b"b:" + part  # each reply before the next request
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+    assert dict(await call.trailing_metadata())["x-trailer"] == "bye"
+
+
+@pytest.mark.parametrize("kind", ["Unary", "ServerStream", "ClientStream", "Bidi"])
+async def test_errors_keep_status_message_and_details(echo_via_proxy: grpc.aio.Channel,
+                                                      kind: str) -> None:
+    ch = echo_via_proxy
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        if kind == "Unary":
+            await ch.unary_unary(_path(kind))(echo.FAIL)
+        elif kind == "ServerStream":
+            _ = [m async for m in ch.unary_stream(_path(kind))(echo.FAIL)]
+        elif kind == "ClientStream":
+            await ch.stream_unary(_path(kind))(iter([echo.FAIL]))
+        else:
+            _ = [m async for m in ch.stream_stream(_path(kind))(iter([echo.FAIL]))]
+    err = info.value
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.details() == "asked to fail"
+    trailers = dict(err.trailing_metadata() or ())
+    assert trailers["grpc-status-details-bin"] == echo.DETAILS_BIN
+    assert trailers["x-why"] == "asked"
+
+
+async def test_deadline_reaches_the_backend_reduced(echo_via_proxy: grpc.aio.Channel) -> None:
+    call = echo_via_proxy.unary_unary(_path("Unary"))(b"x", timeout=2.0)
+    await call
+    seen = int(dict(await call.trailing_metadata())["x-deadline-ms"])
+    assert 1000 < seen < 2000
+
+
+async def test_proxy_answers_health_for_itself(echo_via_proxy: grpc.aio.Channel) -> None:
+    r = await health_pb2_grpc.HealthStub(echo_via_proxy).Check(health_pb2.HealthCheckRequest())
+    assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_oversized_message_is_refused(make_proxy, sim) -> None:  # type: ignore[no-untyped-def]
+    proxy = await make_proxy(mesh_doc([{"name": "llm", "models": ["gpt-4"]}]),
+                             extra={"llm": [EndpointAddr(f"127.0.0.1:{sim.port}")]},
+                             max_message_bytes=1024)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.InferenceStub(ch).Generate(prompt("x" * 4096))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (await pb_grpc.InferenceStub(ch).Generate(prompt("small"))).text
+
+
+async def test_inference_through_proxy_equals_direct(make_proxy, make_sim: SimFactory) -> None:  # type: ignore[no-untyped-def]
+    sim = await make_sim()
+    proxy = await make_proxy(mesh_doc([{"name": "llm", "models": ["gpt-4"]}]),
+                             extra={"llm": [EndpointAddr(f"127.0.0.1:{sim.port}")]})
+    req = prompt(seed=5, max_tokens=30)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sim.port}") as direct:
+        expected = [c async for c in pb_grpc.InferenceStub(direct).GenerateStream(req)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        call = stub.GenerateStream(req)
+        got = [c async for c in call]
+        assert got == expected
+        assert dict(await call.trailing_metadata())["aimesh-instance"] == f"127.0.0.1:{sim.port}"
+        unary = await stub.Generate(req)
+        assert unary.text == "".join(c.text for c in expected)
+
+
+async def test_client_cancellation_reaches_the_backend(make_proxy, make_sim: SimFactory) -> None:  # type: ignore[no-untyped-def]
+    sim = await make_sim(ttft=0.0, tokens_per_second=100.0, length_range=(400, 400))
+    proxy = await make_proxy(mesh_doc([{"name": "llm", "models": ["gpt-4"]}]),
+                             extra={"llm": [EndpointAddr(f"127.0.0.1:{sim.port}")]})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
+        call = pb_grpc.InferenceStub(ch).GenerateStream(prompt())
+        got = 0
+        async for _ in call:
+            got += 1
+            if got == 3:
+                call.cancel()
+                break
+        await asyncio.wait_for(sim.backend.wait_idle(), 5)
+    assert sim.backend.stats.cancelled == 1
+    assert sim.backend.stats.tokens < 20  # 400 had the backend kept going
