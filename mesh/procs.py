@@ -49,6 +49,19 @@ class Proc:
         return self.popen.wait()
 
 
+def wait_for_output(proc: Proc, text: str, timeout: float = 10.0) -> str:
+    """Waits until the process has printed a line containing `text`; returns that line."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in list(proc.output):
+            if text in line:
+                return line
+        if not proc.alive():
+            break
+        time.sleep(0.02)
+    raise AssertionError(f"{proc.name} did not print {text!r}; output:\n" + "".join(proc.output))
+
+
 def _drain(popen: subprocess.Popen[str], sink: list[str]) -> None:
     assert popen.stdout is not None
     for line in popen.stdout:

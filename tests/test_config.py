@@ -236,11 +236,13 @@ def test_unknown_field_names_the_path_and_the_allowed_keys() -> None:
         ),
         (
             service(loadBalancer={"healthCheck": {"enabled": "yes please"}}),
-            'spec.services[0].loadBalancer.healthCheck.enabled: must be true or false, got "yes please"',
+            "spec.services[0].loadBalancer.healthCheck.enabled: "
+            'must be true or false, got "yes please"',
         ),
         (
             service(loadBalancer={"healthCheck": {"threshold": True}}),
-            "spec.services[0].loadBalancer.healthCheck.threshold: must be an integer >= 1, got true",
+            "spec.services[0].loadBalancer.healthCheck.threshold: "
+            "must be an integer >= 1, got true",
         ),
         (
             service(loadBalancer={"algorithm": "fastest"}),
@@ -303,7 +305,8 @@ def test_bad_percentages(value: object, message: str) -> None:
 def test_breaker_open_durations_are_ordered() -> None:
     data = service(circuitBreaker={"enabled": True, "openDuration": "1m", "maxOpenDuration": "10s"})
     assert error(data) == (
-        "spec.services[0].circuitBreaker.maxOpenDuration: must be at least openDuration (60s), got 10s"
+        "spec.services[0].circuitBreaker.maxOpenDuration: "
+        "must be at least openDuration (60s), got 10s"
     )
 
 
@@ -396,7 +399,8 @@ def test_route_weights() -> None:
     )
     data = policy(routes=[{"destination": "a", "weight": 0}, {"destination": "b", "weight": 0}])
     assert error(data) == (
-        "spec.trafficPolicies[0].routes: weights sum to 0; at least one route needs a weight above 0"
+        "spec.trafficPolicies[0].routes: "
+        "weights sum to 0; at least one route needs a weight above 0"
     )
     assert error(policy(routes=[])) == (
         "spec.trafficPolicies[0].routes: must list at least one route, got an empty list"
@@ -419,7 +423,8 @@ def test_policy_names_are_required_and_unique() -> None:
     )
     assert errors(data) == [
         "spec.trafficPolicies[2].name: required",
-        'spec.trafficPolicies[1].name: duplicate policy name "p" (also spec.trafficPolicies[0].name)',
+        'spec.trafficPolicies[1].name: duplicate policy name "p" '
+        "(also spec.trafficPolicies[0].name)",
     ]
 
 
@@ -452,7 +457,8 @@ def test_backups_must_be_service_names_without_repeats() -> None:
     assert errors(policy(backups=["b", "b", "B"])) == [
         'spec.trafficPolicies[0].backups[2]: "B" is not a DNS-1123 label (lowercase letters, '
         "digits and '-', starting and ending with a letter or digit, at most 63 characters)",
-        'spec.trafficPolicies[0].backups[1]: duplicate backup "b" (also spec.trafficPolicies[0].backups[0])',
+        'spec.trafficPolicies[0].backups[1]: duplicate backup "b" '
+        "(also spec.trafficPolicies[0].backups[0])",
     ]
 
 
@@ -582,7 +588,8 @@ def test_header_match_values() -> None:
     [
         (
             {"headers": {"x-user": {"regex": "("}}},
-            'headers.x-user.regex: invalid regular expression "(": missing ), unterminated subpattern',
+            'headers.x-user.regex: invalid regular expression "(": '
+            "missing ), unterminated subpattern",
         ),
         (
             {"headers": {"x-a": {"exact": "a", "prefix": "b"}}},

@@ -430,7 +430,7 @@ def _circuit_breaker(node: object, at: _At) -> CircuitBreakerSpec | None:
     return spec
 
 
-SERVICE_FIELDS = [
+_SERVICE_FIELDS = [
     _Field("name", "name", _label, required=True),
     _Field("models", "models", _models),
     _Field("endpoints", "endpoints", _endpoints),
@@ -439,7 +439,7 @@ SERVICE_FIELDS = [
     _Field("timeout", "timeout", _duration()),
     _Field("maxMessageBytes", "max_message_bytes", _int(1)),
 ]
-_service = _section(ServiceSpec, SERVICE_FIELDS)
+_service = _section(ServiceSpec, _SERVICE_FIELDS)
 
 
 def _services(node: object, at: _At) -> tuple[ServiceSpec, ...]:
@@ -658,7 +658,7 @@ _retry = _section(
     ],
 )
 
-POLICY_FIELDS = [
+_POLICY_FIELDS = [
     _Field("name", "name", _nonempty, required=True),
     _Field("match", "match", _match),
     _Field("routes", "routes", _routes, required=True),
@@ -667,7 +667,7 @@ POLICY_FIELDS = [
     _Field("retry", "retry", _retry),
     _Field("resume", "resume", _bool),
 ]
-_policy = _section(TrafficPolicy, POLICY_FIELDS)
+_policy = _section(TrafficPolicy, _POLICY_FIELDS)
 
 
 def _policies(node: object, at: _At) -> tuple[TrafficPolicy, ...]:
