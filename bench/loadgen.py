@@ -126,3 +126,86 @@ async def streams(
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         result.elapsed = time.perf_counter() - t0
     return result
+
+
+# -- open loop ---------------------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    """One call of an open-loop run; times in seconds, relative to the run's start."""
+
+    index: int
+    scheduled: float  # when the schedule says to send it
+    lag: float = 0.0  # how late it was actually sent (generator overload shows here)
+    ttft: float | None = None  # send -> first chunk
+    total: float | None = None  # send -> end of stream (None: failed or cut off)
+    instance: str = ""  # the `aimesh-instance` trailer: which backend served it
+    error: str = ""  # status code name, or "UNFINISHED" when cut off at the drain limit
+    tokens: int = 0
+
+
+async def open_loop_streams(
+    target: str,
+    arrivals: list[float],
+    *,
+    drain_timeout: float = 30.0,
+    max_tokens: int = 0,
+    prompt: str = "open loop prompt {i}",
+    model: str = "gpt-4",
+) -> list[Call]:
+    """Sends one GenerateStream at each time in `arrivals` (seconds from start, sorted),
+    whatever happened to earlier calls: an open loop, so a slow system gets no relief
+    from the generator slowing down with it (no coordinated omission).
+
+    Call i asks with prompt `prompt.format(i=i)`, so with the sim backend its completion
+    length depends only on i and the schedule replays identically against any target.
+    Calls still running `drain_timeout` seconds after the last send are cancelled and
+    reported with error "UNFINISHED" (their ttft stays None if no token had come yet).
+    """
+    calls = [Call(i, t) for i, t in enumerate(arrivals)]
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        await channel.channel_ready()
+        loop = asyncio.get_running_loop()
+
+        async def one(c: Call) -> None:
+            request = pb.GenerateRequest(
+                model=model,
+                messages=[pb.Message(role="user", content=prompt.format(i=c.index))],
+                max_tokens=max_tokens,
+            )
+            t0 = time.perf_counter()
+            c.lag = t0 - (start + c.scheduled)
+            call = stub.GenerateStream(request)
+            try:
+                async for chunk in call:
+                    if c.ttft is None:
+                        c.ttft = time.perf_counter() - t0
+                    c.tokens += chunk.token_count
+                c.total = time.perf_counter() - t0
+                for key, value in await call.trailing_metadata() or ():
+                    if key == "aimesh-instance":
+                        c.instance = str(value)
+            except grpc.aio.AioRpcError as exc:
+                c.error = exc.code().name
+                for key, value in exc.trailing_metadata() or ():
+                    if key == "aimesh-instance":
+                        c.instance = str(value)
+            except asyncio.CancelledError:
+                c.error = "UNFINISHED"
+                call.cancel()
+
+        tasks: list[asyncio.Task[None]] = []
+        start = time.perf_counter()
+        for c in calls:
+            delay = start + c.scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(loop.create_task(one(c)))
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=drain_timeout)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return calls

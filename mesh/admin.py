@@ -15,8 +15,13 @@ from typing import Any
 Response = tuple[int, str, bytes]
 Route = Callable[[], Response]
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def json_response(value: Any, status: int = 200) -> Response:

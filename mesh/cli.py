@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import grpc
 import grpc.aio
 
+from . import runtime
 from .errors import status_code_from_name, status_code_from_number
 from .units import parse_duration
 
@@ -147,7 +148,7 @@ def _cmd_backend_sim(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"aimesh backend sim: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    asyncio.run(serve(config, args.listen, faults=faults, seed=args.seed, grace=args.grace))
+    runtime.run(serve(config, args.listen, faults=faults, seed=args.seed, grace=args.grace))
     return 0
 
 
@@ -268,14 +269,21 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
         print(f"aimesh proxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.mode == "sidecar" and not (args.inbound and args.local_app):
-        print("aimesh proxy: --mode sidecar needs --inbound HOST:PORT and --local-app HOST:PORT",
-              file=sys.stderr)
+        print(
+            "aimesh proxy: --mode sidecar needs --inbound HOST:PORT and --local-app HOST:PORT",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     settings = ProxySettings(
-        listen=args.listen, mode=args.mode, inbound_listen=args.inbound, local_app=args.local_app,
-        max_message_bytes=args.max_message_bytes, extra_endpoints=extra, seed=args.seed,
+        listen=args.listen,
+        mode=args.mode,
+        inbound_listen=args.inbound,
+        local_app=args.local_app,
+        max_message_bytes=args.max_message_bytes,
+        extra_endpoints=extra,
+        seed=args.seed,
     )
-    return asyncio.run(run(args.config, settings, args.admin, args.grace))
+    return runtime.run(run(args.config, settings, args.admin, args.grace))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,27 +327,43 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", default="127.0.0.1:50051")
         p.add_argument("--timeout", type=_duration, default=10.0)
 
-    proxy = sub.add_parser("proxy", help="run the routing gRPC proxy (gateway or sidecar)",
-                           description="Forward any gRPC call to the services of a ServiceMesh "
-                           "config, with weighted, health- and load-aware balancing.")
-    proxy.add_argument("--listen", default="127.0.0.1:8443",
-                       help="HOST:PORT callers use (sidecar: the local app's outbound side)")
+    proxy = sub.add_parser(
+        "proxy",
+        help="run the routing gRPC proxy (gateway or sidecar)",
+        description="Forward any gRPC call to the services of a ServiceMesh "
+        "config, with weighted, health- and load-aware balancing.",
+    )
+    proxy.add_argument(
+        "--listen",
+        default="127.0.0.1:8443",
+        help="HOST:PORT callers use (sidecar: the local app's outbound side)",
+    )
     proxy.add_argument("--config", "-f", required=True, help="ServiceMesh YAML file")
     proxy.add_argument("--admin", default=None, help="HOST:PORT for the HTTP admin endpoint")
     proxy.add_argument("--mode", choices=["gateway", "sidecar"], default="gateway")
     proxy.add_argument("--inbound", default=None, help="sidecar: HOST:PORT the mesh calls")
     proxy.add_argument("--local-app", default=None, help="sidecar: HOST:PORT of the local app")
-    proxy.add_argument("--endpoint", action="append", default=[], metavar="SERVICE=HOST:PORT[@W]",
-                       help="add an endpoint to a service (repeat); until the control plane "
-                       "supplies them")
+    proxy.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="SERVICE=HOST:PORT[@W]",
+        help="add an endpoint to a service (repeat); until the control plane supplies them",
+    )
     proxy.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024)
-    proxy.add_argument("--grace", type=_duration, default=10.0,
-                       help="on SIGTERM, time for in-flight calls to finish (default 10s)")
+    proxy.add_argument(
+        "--grace",
+        type=_duration,
+        default=10.0,
+        help="on SIGTERM, time for in-flight calls to finish (default 10s)",
+    )
     proxy.add_argument("--seed", type=int, default=None, help="seed for splits and pickers")
 
     config = sub.add_parser("config", help="work with ServiceMesh config files")
     config_sub = config.add_subparsers(dest="config_cmd", metavar="ACTION", required=True)
-    validate = config_sub.add_parser("validate", help="check a file; print every error or a summary")
+    validate = config_sub.add_parser(
+        "validate", help="check a file; print every error or a summary"
+    )
     validate.add_argument("-f", "--file", required=True)
 
     demo = sub.add_parser("demo", help="a local setup of sim backends with a streamed answer")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
 from dataclasses import replace
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -66,10 +66,16 @@ def sim_process_address() -> Iterator[str]:
 async def make_proxy() -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
     started: list[Proxy] = []
 
-    async def _make(doc: dict[str, object], *, seed: int = 7,
-                    extra: dict[str, list[EndpointAddr]] | None = None, **settings: Any) -> Proxy:
-        proxy = Proxy(ProxySettings(listen="127.0.0.1:0", seed=seed, extra_endpoints=extra or {},
-                                    **settings))
+    async def _make(
+        doc: dict[str, object],
+        *,
+        seed: int = 7,
+        extra: dict[str, list[EndpointAddr]] | None = None,
+        **settings: Any,
+    ) -> Proxy:
+        proxy = Proxy(
+            ProxySettings(listen="127.0.0.1:0", seed=seed, extra_endpoints=extra or {}, **settings)
+        )
         await proxy.start(load_dict(doc, source="test"))
         started.append(proxy)
         return proxy

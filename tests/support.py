@@ -20,18 +20,25 @@ def prompt(text: str = "Why use a service mesh?", **fields: object) -> pb.Genera
     return pb.GenerateRequest(messages=[pb.Message(role="user", content=text)], **values)  # type: ignore[arg-type]
 
 
-def mesh_doc(services: list[dict[str, object]], policies: list[dict[str, object]] | None = None,
-             ) -> dict[str, object]:
+def mesh_doc(
+    services: list[dict[str, object]],
+    policies: list[dict[str, object]] | None = None,
+) -> dict[str, object]:
     """A ServiceMesh document (as a dict) for tests."""
     spec: dict[str, object] = {"services": services}
     if policies:
         spec["trafficPolicies"] = policies
-    return {"apiVersion": "mesh.ai/v1", "kind": "ServiceMesh", "metadata": {"name": "test"},
-            "spec": spec}
+    return {
+        "apiVersion": "mesh.ai/v1",
+        "kind": "ServiceMesh",
+        "metadata": {"name": "test"},
+        "spec": spec,
+    }
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0,
-                     what: str = "condition") -> None:
+async def eventually(
+    predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition"
+) -> None:
     """Waits until `predicate()` holds, checking every 10 ms; fails after `timeout` seconds."""
     import asyncio
 

@@ -78,8 +78,9 @@ async def test_bidi_stream_interleaves(echo_via_proxy: grpc.aio.Channel) -> None
 
 
 @pytest.mark.parametrize("kind", ["Unary", "ServerStream", "ClientStream", "Bidi"])
-async def test_errors_keep_status_message_and_details(echo_via_proxy: grpc.aio.Channel,
-                                                      kind: str) -> None:
+async def test_errors_keep_status_message_and_details(
+    echo_via_proxy: grpc.aio.Channel, kind: str
+) -> None:
     ch = echo_via_proxy
     with pytest.raises(grpc.aio.AioRpcError) as info:
         if kind == "Unary":
@@ -111,9 +112,11 @@ async def test_proxy_answers_health_for_itself(echo_via_proxy: grpc.aio.Channel)
 
 
 async def test_oversized_message_is_refused(make_proxy, sim) -> None:  # type: ignore[no-untyped-def]
-    proxy = await make_proxy(mesh_doc([{"name": "llm", "models": ["gpt-4"]}]),
-                             extra={"llm": [EndpointAddr(f"127.0.0.1:{sim.port}")]},
-                             max_message_bytes=1024)
+    proxy = await make_proxy(
+        mesh_doc([{"name": "llm", "models": ["gpt-4"]}]),
+        extra={"llm": [EndpointAddr(f"127.0.0.1:{sim.port}")]},
+        max_message_bytes=1024,
+    )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await pb_grpc.InferenceStub(ch).Generate(prompt("x" * 4096))
@@ -123,8 +126,10 @@ async def test_oversized_message_is_refused(make_proxy, sim) -> None:  # type: i
 
 async def test_inference_through_proxy_equals_direct(make_proxy, make_sim: SimFactory) -> None:  # type: ignore[no-untyped-def]
     sim = await make_sim()
-    proxy = await make_proxy(mesh_doc([{"name": "llm", "models": ["gpt-4"]}]),
-                             extra={"llm": [EndpointAddr(f"127.0.0.1:{sim.port}")]})
+    proxy = await make_proxy(
+        mesh_doc([{"name": "llm", "models": ["gpt-4"]}]),
+        extra={"llm": [EndpointAddr(f"127.0.0.1:{sim.port}")]},
+    )
     req = prompt(seed=5, max_tokens=30)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{sim.port}") as direct:
         expected = [c async for c in pb_grpc.InferenceStub(direct).GenerateStream(req)]
@@ -140,8 +145,10 @@ async def test_inference_through_proxy_equals_direct(make_proxy, make_sim: SimFa
 
 async def test_client_cancellation_reaches_the_backend(make_proxy, make_sim: SimFactory) -> None:  # type: ignore[no-untyped-def]
     sim = await make_sim(ttft=0.0, tokens_per_second=100.0, length_range=(400, 400))
-    proxy = await make_proxy(mesh_doc([{"name": "llm", "models": ["gpt-4"]}]),
-                             extra={"llm": [EndpointAddr(f"127.0.0.1:{sim.port}")]})
+    proxy = await make_proxy(
+        mesh_doc([{"name": "llm", "models": ["gpt-4"]}]),
+        extra={"llm": [EndpointAddr(f"127.0.0.1:{sim.port}")]},
+    )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
         call = pb_grpc.InferenceStub(ch).GenerateStream(prompt())
         got = 0
@@ -153,3 +160,60 @@ async def test_client_cancellation_reaches_the_backend(make_proxy, make_sim: Sim
         await asyncio.wait_for(sim.backend.wait_idle(), 5)
     assert sim.backend.stats.cancelled == 1
     assert sim.backend.stats.tokens < 20  # 400 had the backend kept going
+
+
+def test_merge_chunks_keeps_every_token_in_order() -> None:
+    from aimesh.mesh.proxy.forward import merge_chunks
+
+    parts = [
+        pb.GenerateChunk(text="Hello", index=0, token_count=1, model="gpt-4"),
+        pb.GenerateChunk(text=" big", index=1, token_count=1),
+        pb.GenerateChunk(
+            text=" world",
+            index=2,
+            token_count=1,
+            finish_reason=pb.FINISH_REASON_STOP,
+            usage=pb.Usage(prompt_tokens=2, completion_tokens=3, total_tokens=5),
+        ),
+    ]
+    merged = pb.GenerateChunk.FromString(merge_chunks([p.SerializeToString() for p in parts]))
+    assert merged.text == "Hello big world"
+    assert (merged.index, merged.token_count, merged.model) == (0, 3, "gpt-4")
+    assert merged.finish_reason == pb.FINISH_REASON_STOP
+    assert merged.usage.completion_tokens == 3
+
+
+async def test_a_caller_that_falls_behind_gets_merged_chunks(
+    make_proxy, make_sim: SimFactory
+) -> None:  # type: ignore[no-untyped-def]
+    # The caller's HTTP/2 window (64 KiB, BDP growth off) must fill before writes block.
+    n = 6000
+    sim = await make_sim(length_range=(n, n), default_max_tokens=n)
+    proxy = await make_proxy(
+        mesh_doc([{"name": "llm", "models": ["gpt-4"]}]),
+        extra={"llm": [EndpointAddr(f"127.0.0.1:{sim.port}")]},
+    )
+    req = prompt(seed=2)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sim.port}") as direct:
+        expected = "".join(
+            [c.text async for c in pb_grpc.InferenceStub(direct).GenerateStream(req)]
+        )
+    options = [("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{proxy.ports['listen']}", options=options
+    ) as ch:
+        call = pb_grpc.InferenceStub(ch).GenerateStream(req)
+        first = await call.read()  # then stop reading until the backend has finished
+        await asyncio.wait_for(sim.backend.wait_idle(), 5)
+        rest = []
+        while (c := await call.read()) is not grpc.aio.EOF:
+            rest.append(c)
+    chunks = [first, *rest]
+    assert "".join(c.text for c in chunks) == expected
+    assert sum(c.token_count for c in chunks) == n
+    assert len(chunks) < n  # the backlog arrived merged
+    index = 0
+    for c in chunks:
+        assert c.index == index
+        index += c.token_count
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP

@@ -40,9 +40,21 @@ def fleet() -> Iterator[dict[str, procs.Proc]]:
 
 
 def start_proxy(config: Path, *flags: str) -> procs.Proc:
-    return procs.start("proxy", procs.aimesh_command(
-        "proxy", "--listen", "127.0.0.1:0", "--config", str(config), "--admin", "127.0.0.1:0",
-        "--seed", "1", *flags))
+    return procs.start(
+        "proxy",
+        procs.aimesh_command(
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            str(config),
+            "--admin",
+            "127.0.0.1:0",
+            "--seed",
+            "1",
+            *flags,
+        ),
+    )
 
 
 def admin_url(proxy: procs.Proc) -> str:
@@ -53,9 +65,12 @@ def admin_url(proxy: procs.Proc) -> str:
 def test_reference_yaml_runs_and_splits(fleet: dict[str, procs.Proc]) -> None:
     proxy = start_proxy(
         REFERENCE,
-        "--endpoint", f"gpt4-gateway={fleet['stable-1'].address}",
-        "--endpoint", f"gpt4-gateway={fleet['stable-2'].address}",
-        "--endpoint", f"gpt4-gateway-v2={fleet['canary-1'].address}",
+        "--endpoint",
+        f"gpt4-gateway={fleet['stable-1'].address}",
+        "--endpoint",
+        f"gpt4-gateway={fleet['stable-2'].address}",
+        "--endpoint",
+        f"gpt4-gateway-v2={fleet['canary-1'].address}",
     )
     try:
         assert any("not declared in spec.services" in line for line in proxy.output)
@@ -64,8 +79,12 @@ def test_reference_yaml_runs_and_splits(fleet: dict[str, procs.Proc]) -> None:
             counts: Counter[str] = Counter()
             for i in range(300):
                 _, call = stub.Generate.with_call(
-                    pb.GenerateRequest(model="gpt-4", messages=[pb.Message(role="user",
-                                       content=str(i))], max_tokens=1))
+                    pb.GenerateRequest(
+                        model="gpt-4",
+                        messages=[pb.Message(role="user", content=str(i))],
+                        max_tokens=1,
+                    )
+                )
                 counts[instance_of(call.trailing_metadata())] += 1
             text = "".join(c.text for c in InferenceClient(ch, model="gpt-4").stream("hi"))
         assert text
@@ -80,8 +99,9 @@ def test_reference_yaml_runs_and_splits(fleet: dict[str, procs.Proc]) -> None:
         assert proxy.terminate() == 0
 
 
-def test_broken_reload_keeps_the_previous_config(fleet: dict[str, procs.Proc],
-                                                 tmp_path: Path) -> None:
+def test_broken_reload_keeps_the_previous_config(
+    fleet: dict[str, procs.Proc], tmp_path: Path
+) -> None:
     cfg = tmp_path / "mesh.yaml"
     cfg.write_text(REFERENCE.read_text())
     proxy = start_proxy(cfg, "--endpoint", f"gpt4-gateway={fleet['stable-1'].address}")
@@ -100,19 +120,31 @@ def test_broken_reload_keeps_the_previous_config(fleet: dict[str, procs.Proc],
 
 def test_sidecar_inbound_and_outbound(fleet: dict[str, procs.Proc], tmp_path: Path) -> None:
     cfg = tmp_path / "mesh.yaml"
-    cfg.write_text("apiVersion: mesh.ai/v1\nkind: ServiceMesh\nmetadata: {name: sc}\n"
-                   "spec:\n  services:\n    - name: remote\n      models: [gpt-4]\n")
-    proxy = start_proxy(cfg, "--mode", "sidecar", "--inbound", "127.0.0.1:0",
-                        "--local-app", fleet["stable-1"].address,
-                        "--endpoint", f"remote={fleet['stable-2'].address}")
+    cfg.write_text(
+        "apiVersion: mesh.ai/v1\nkind: ServiceMesh\nmetadata: {name: sc}\n"
+        "spec:\n  services:\n    - name: remote\n      models: [gpt-4]\n"
+    )
+    proxy = start_proxy(
+        cfg,
+        "--mode",
+        "sidecar",
+        "--inbound",
+        "127.0.0.1:0",
+        "--local-app",
+        fleet["stable-1"].address,
+        "--endpoint",
+        f"remote={fleet['stable-2'].address}",
+    )
     try:
         line = next(line for line in proxy.output if "inbound on" in line)
         inbound = line.split("inbound on ", 1)[1].split(" ")[0]
         for target, expected in ((inbound, "stable-1"), (proxy.address, "stable-2")):
             with grpc.insecure_channel(target) as ch:
                 _, call = pb_grpc.InferenceStub(ch).Generate.with_call(
-                    pb.GenerateRequest(model="gpt-4", messages=[pb.Message(role="user",
-                                       content="x")], max_tokens=1))
+                    pb.GenerateRequest(
+                        model="gpt-4", messages=[pb.Message(role="user", content="x")], max_tokens=1
+                    )
+                )
                 assert instance_of(call.trailing_metadata()) == expected
     finally:
         assert proxy.terminate() == 0
@@ -120,12 +152,19 @@ def test_sidecar_inbound_and_outbound(fleet: dict[str, procs.Proc], tmp_path: Pa
 
 def test_grpcurl_lists_describes_and_calls_through_the_proxy(fleet: dict[str, procs.Proc]) -> None:
     grpcurl = _grpcurl()
-    proxy = start_proxy(REFERENCE, "--endpoint", f"gpt4-gateway={fleet['stable-1'].address}",
-                        "--endpoint", f"gpt4-gateway-v2={fleet['canary-1'].address}")
+    proxy = start_proxy(
+        REFERENCE,
+        "--endpoint",
+        f"gpt4-gateway={fleet['stable-1'].address}",
+        "--endpoint",
+        f"gpt4-gateway-v2={fleet['canary-1'].address}",
+    )
     try:
+
         def run(*args: str) -> str:
-            out = subprocess.run([grpcurl, "-plaintext", *args], capture_output=True,
-                                 text=True, timeout=30)
+            out = subprocess.run(
+                [grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=30
+            )
             assert out.returncode == 0, out.stderr
             return out.stdout
 
@@ -133,8 +172,9 @@ def test_grpcurl_lists_describes_and_calls_through_the_proxy(fleet: dict[str, pr
         assert "aimesh.inference.v1.Inference" in services
         assert "grpc.health.v1.Health" in services
         assert "rpc Generate" in run(proxy.address, "describe", "aimesh.inference.v1.Inference")
-        body = json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}],
-                           "maxTokens": 3})
+        body = json.dumps(
+            {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}], "maxTokens": 3}
+        )
         out = run("-d", body, proxy.address, "aimesh.inference.v1.Inference/Generate")
         assert json.loads(out)["usage"]["completion_tokens"] == 3
     finally:
@@ -142,9 +182,17 @@ def test_grpcurl_lists_describes_and_calls_through_the_proxy(fleet: dict[str, pr
 
 
 def test_config_validate_cli() -> None:
-    ok = subprocess.run(procs.aimesh_command("config", "validate", "-f", str(REFERENCE)),
-                        capture_output=True, text=True, timeout=30)
+    ok = subprocess.run(
+        procs.aimesh_command("config", "validate", "-f", str(REFERENCE)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert ok.returncode == 0 and "canary-rollout" in ok.stdout
-    bad = subprocess.run(procs.aimesh_command("config", "validate", "-f", str(ROOT / "nope.yaml")),
-                         capture_output=True, text=True, timeout=30)
+    bad = subprocess.run(
+        procs.aimesh_command("config", "validate", "-f", str(ROOT / "nope.yaml")),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert bad.returncode == 2

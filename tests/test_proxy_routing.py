@@ -28,8 +28,13 @@ def addr(sim: RunningSim) -> EndpointAddr:
     return EndpointAddr(f"127.0.0.1:{sim.port}")
 
 
-async def served_by(proxy: Proxy, n: int, req: pb.GenerateRequest | None = None,
-                    metadata: tuple[tuple[str, str], ...] = (), concurrency: int = 25) -> Counter[str]:
+async def served_by(
+    proxy: Proxy,
+    n: int,
+    req: pb.GenerateRequest | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
+    concurrency: int = 25,
+) -> Counter[str]:
     """Sends n unary calls through the proxy; counts the aimesh-instance of each answer."""
     counts: Counter[str] = Counter()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
@@ -48,13 +53,18 @@ async def served_by(proxy: Proxy, n: int, req: pb.GenerateRequest | None = None,
 async def test_model_routes_to_the_service_that_serves_it(make_proxy, make_sim: SimFactory) -> None:  # type: ignore[no-untyped-def]
     gpt, claude = await make_sim(instance_id="gpt"), await make_sim(instance_id="claude")
     proxy = await make_proxy(
-        mesh_doc([{"name": "gpt4-gateway", "models": ["gpt-4"]},
-                  {"name": "claude-gateway", "models": ["claude-3-5-sonnet"]}]),
+        mesh_doc(
+            [
+                {"name": "gpt4-gateway", "models": ["gpt-4"]},
+                {"name": "claude-gateway", "models": ["claude-3-5-sonnet"]},
+            ]
+        ),
         extra={"gpt4-gateway": [addr(gpt)], "claude-gateway": [addr(claude)]},
     )
     assert await served_by(proxy, 10, prompt(model="gpt-4", max_tokens=1)) == {"gpt": 10}
     assert await served_by(proxy, 10, prompt(model="claude-3-5-sonnet", max_tokens=1)) == {
-        "claude": 10}
+        "claude": 10
+    }
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await pb_grpc.InferenceStub(ch).Generate(prompt(model="gpt-9"))
@@ -68,11 +78,19 @@ async def test_header_cohort_and_method_matches(make_proxy, make_sim: SimFactory
         mesh_doc(
             [{"name": "arm-a", "models": ["gpt-4"]}, {"name": "arm-b"}, {"name": "streams"}],
             [
-                {"name": "cohort-b", "match": {"headers": {"x-cohort": "b"}},
-                 "routes": [{"destination": "arm-b"}]},
-                {"name": "streaming", "match": {"service": "aimesh.inference.v1.Inference",
-                                                "method": "GenerateStream"},
-                 "routes": [{"destination": "streams"}]},
+                {
+                    "name": "cohort-b",
+                    "match": {"headers": {"x-cohort": "b"}},
+                    "routes": [{"destination": "arm-b"}],
+                },
+                {
+                    "name": "streaming",
+                    "match": {
+                        "service": "aimesh.inference.v1.Inference",
+                        "method": "GenerateStream",
+                    },
+                    "routes": [{"destination": "streams"}],
+                },
             ],
         ),
         extra={"arm-a": [addr(a)], "arm-b": [addr(b)], "streams": [addr(s)]},
@@ -85,33 +103,45 @@ async def test_header_cohort_and_method_matches(make_proxy, make_sim: SimFactory
         assert dict(await call.trailing_metadata())["aimesh-instance"] == "s"
 
 
-async def test_split_lands_within_two_points_over_2000_calls(make_proxy, make_sim: SimFactory) -> None:  # type: ignore[no-untyped-def]
+async def test_split_lands_within_two_points_over_2000_calls(
+    make_proxy, make_sim: SimFactory
+) -> None:  # type: ignore[no-untyped-def]
     stable, canary = await make_sim(instance_id="stable"), await make_sim(instance_id="canary")
     doc = yaml.safe_load((ROOT / "deploy/examples/reference.yaml").read_text())
     # The product's reference document, as is: endpoints come from the command line.
-    proxy = await make_proxy(doc, extra={"gpt4-gateway": [addr(stable)],
-                                         "gpt4-gateway-v2": [addr(canary)]})
+    proxy = await make_proxy(
+        doc, extra={"gpt4-gateway": [addr(stable)], "gpt4-gateway-v2": [addr(canary)]}
+    )
     counts = await served_by(proxy, 2000, concurrency=50)
     assert counts["stable"] + counts["canary"] == 2000
     assert abs(counts["canary"] / 2000 - 0.10) <= 0.02, counts
 
 
 async def test_weight_moves_off_a_destination_without_endpoints_then_backup(
-    make_proxy, make_sim: SimFactory  # type: ignore[no-untyped-def]
+    make_proxy,
+    make_sim: SimFactory,  # type: ignore[no-untyped-def]
 ) -> None:
     main, backup = await make_sim(instance_id="main"), await make_sim(instance_id="backup")
     proxy = await make_proxy(
         mesh_doc(
             [{"name": "primary"}, {"name": "empty"}, {"name": "fallback"}],
-            [{"name": "split", "routes": [{"destination": "primary", "weight": 50},
-                                          {"destination": "empty", "weight": 50}],
-              "backups": ["fallback"]}],
+            [
+                {
+                    "name": "split",
+                    "routes": [
+                        {"destination": "primary", "weight": 50},
+                        {"destination": "empty", "weight": 50},
+                    ],
+                    "backups": ["fallback"],
+                }
+            ],
         ),
         extra={"primary": [addr(main)], "fallback": [addr(backup)]},
     )
     assert await served_by(proxy, 20) == {"main": 20}
-    await sim_pb2_grpc.SimControlStub(grpc.aio.insecure_channel(f"127.0.0.1:{main.port}")).SetServing(
-        sim_pb2.SetServingRequest(serving=False))
+    await sim_pb2_grpc.SimControlStub(
+        grpc.aio.insecure_channel(f"127.0.0.1:{main.port}")
+    ).SetServing(sim_pb2.SetServingRequest(serving=False))
     cluster = proxy.clusters["primary"]
     await eventually(lambda: not cluster.has_eligible(), what="primary to leave rotation")
     assert await served_by(proxy, 20) == {"backup": 20}
@@ -119,11 +149,20 @@ async def test_weight_moves_off_a_destination_without_endpoints_then_backup(
 
 async def test_all_unhealthy_fails_fast_naming_the_service(make_proxy) -> None:  # type: ignore[no-untyped-def]
     proxy = await make_proxy(
-        mesh_doc([{"name": "dead", "models": ["gpt-4"],
-                   "loadBalancer": {"healthCheck": {"interval": "300ms", "timeout": "100ms"}}}]),
+        mesh_doc(
+            [
+                {
+                    "name": "dead",
+                    "models": ["gpt-4"],
+                    "loadBalancer": {"healthCheck": {"interval": "300ms", "timeout": "100ms"}},
+                }
+            ]
+        ),
         extra={"dead": [EndpointAddr("127.0.0.1:1")]},
     )
-    await eventually(lambda: not proxy.clusters["dead"].has_eligible(), what="dead endpoint ejected")
+    await eventually(
+        lambda: not proxy.clusters["dead"].has_eligible(), what="dead endpoint ejected"
+    )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -135,12 +174,23 @@ async def test_all_unhealthy_fails_fast_naming_the_service(make_proxy) -> None: 
 
 
 async def test_unhealthy_endpoint_leaves_within_one_interval_and_returns(
-    make_proxy, make_sim: SimFactory  # type: ignore[no-untyped-def]
+    make_proxy,
+    make_sim: SimFactory,  # type: ignore[no-untyped-def]
 ) -> None:
     a, b = await make_sim(instance_id="a"), await make_sim(instance_id="b")
     proxy = await make_proxy(
-        mesh_doc([{"name": "llm", "models": ["gpt-4"], "loadBalancer": {
-            "algorithm": "round_robin", "healthCheck": {"interval": "1s", "threshold": 3}}}]),
+        mesh_doc(
+            [
+                {
+                    "name": "llm",
+                    "models": ["gpt-4"],
+                    "loadBalancer": {
+                        "algorithm": "round_robin",
+                        "healthCheck": {"interval": "1s", "threshold": 3},
+                    },
+                }
+            ]
+        ),
         extra={"llm": [addr(a), addr(b)]},
     )
     assert await served_by(proxy, 20) == {"a": 10, "b": 10}
@@ -161,8 +211,18 @@ async def test_passive_ejection_of_a_failing_endpoint(make_proxy, make_sim: SimF
     good = await make_sim(instance_id="good")
     bad = await make_sim(instance_id="bad", faults=Faults(error_rate=1.0))
     proxy = await make_proxy(
-        mesh_doc([{"name": "llm", "models": ["gpt-4"], "loadBalancer": {
-            "algorithm": "round_robin", "outlierDetection": {"consecutiveErrors": 3}}}]),
+        mesh_doc(
+            [
+                {
+                    "name": "llm",
+                    "models": ["gpt-4"],
+                    "loadBalancer": {
+                        "algorithm": "round_robin",
+                        "outlierDetection": {"consecutiveErrors": 3},
+                    },
+                }
+            ]
+        ),
         extra={"llm": [addr(good), addr(bad)]},
     )
     failures = 0

@@ -22,8 +22,12 @@ from ..orca import LoadReport
 # Statuses that say the endpoint (not the request) is in trouble: they count toward
 # passive ejection. Application errors (NOT_FOUND, INVALID_ARGUMENT, ...) do not.
 ENDPOINT_FAILURES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-     grpc.StatusCode.DATA_LOSS}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+    }
 )
 
 UU, US, SU, SS = "uu", "us", "su", "ss"
@@ -47,8 +51,13 @@ class Upstream:
     """One endpoint of a cluster: its balancer state, channel and health."""
 
     __slots__ = (
-        "_mc", "active_healthy", "channel", "consecutive_failures", "ejected_until",
-        "ejections", "endpoint",
+        "_mc",
+        "active_healthy",
+        "channel",
+        "consecutive_failures",
+        "ejected_until",
+        "ejections",
+        "endpoint",
     )
 
     def __init__(self, endpoint: Endpoint, channel: grpc.aio.Channel) -> None:
@@ -70,8 +79,12 @@ class Upstream:
         mc = self._mc.get(key)
         if mc is None:
             ch = self.channel
-            factory = {UU: ch.unary_unary, US: ch.unary_stream, SU: ch.stream_unary,
-                       SS: ch.stream_stream}[kind]
+            factory: Any = {
+                UU: ch.unary_unary,
+                US: ch.unary_stream,
+                SU: ch.stream_unary,
+                SS: ch.stream_stream,
+            }[kind]
             mc = factory(method)
             self._mc[key] = mc
         return mc
@@ -120,7 +133,8 @@ class Cluster:
         self.on_removed: list[Callable[[Cluster, Upstream], None]] = []
 
     def __repr__(self) -> str:
-        return f"<Cluster {self.name} {len(self._eligible)}/{len(self.upstreams)} eligible {self.algorithm}>"
+        eligible = f"{len(self._eligible)}/{len(self.upstreams)}"
+        return f"<Cluster {self.name} {eligible} eligible {self.algorithm}>"
 
     # -- membership ---------------------------------------------------------------------
 
@@ -136,15 +150,17 @@ class Cluster:
                 for cb in self.on_removed:
                     cb(self, up)
         for address, spec in wanted.items():
-            up = self.upstreams.get(address)
-            if up is None:
-                up = Upstream(Endpoint(address, spec.weight, spec.zone), self._channel_factory(address))
+            current = self.upstreams.get(address)
+            if current is None:
+                up = Upstream(
+                    Endpoint(address, spec.weight, spec.zone), self._channel_factory(address)
+                )
                 self.upstreams[address] = up
                 for cb in self.on_added:
                     cb(self, up)
             else:
-                up.endpoint.weight = spec.weight
-                up.endpoint.zone = spec.zone
+                current.endpoint.weight = spec.weight
+                current.endpoint.zone = spec.zone
         self.rebuild()
         return closed
 
@@ -186,14 +202,19 @@ class Cluster:
             self.rebuild()
         if not self._eligible:
             total = len(self.upstreams)
-            why = "it has no endpoints" if not total else f"all {total} endpoints are unhealthy or ejected"
+            why = (
+                "it has no endpoints"
+                if not total
+                else f"all {total} endpoints are unhealthy or ejected"
+            )
             raise MeshError(grpc.StatusCode.UNAVAILABLE, f"service {self.name}: {why}")
         ep = self.picker.pick(self._eligible, tuple(exclude))
         self.picker.started(ep)
         return self._by_endpoint[id(ep)]
 
-    def finished(self, up: Upstream, latency: float, code: grpc.StatusCode | None,
-                 trailers: Any = None) -> None:
+    def finished(
+        self, up: Upstream, latency: float, code: grpc.StatusCode | None, trailers: Any = None
+    ) -> None:
         """Reports a call's end: balancer state, and passive outlier detection."""
         failed = code in ENDPOINT_FAILURES
         load = None
@@ -231,7 +252,9 @@ class Cluster:
                     "weight": u.endpoint.weight,
                     "zone": u.endpoint.zone,
                     "healthy": u.active_healthy,
-                    "ejected_for_s": round(max(0.0, u.ejected_until - now), 3) if u.ejected_until else 0,
+                    "ejected_for_s": round(max(0.0, u.ejected_until - now), 3)
+                    if u.ejected_until
+                    else 0,
                     "inflight": u.endpoint.inflight,
                     "consecutive_failures": u.consecutive_failures,
                 }

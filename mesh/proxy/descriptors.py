@@ -8,16 +8,16 @@ methods instead of the general stream-stream one.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 import grpc.aio
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection_pb2
 
-from .cluster import SS, SU, UU, US
+from .cluster import SS, SU, US, UU
 
 log = logging.getLogger("aimesh.proxy.descriptors")
 
@@ -79,18 +79,21 @@ class Catalog:
         return len(self.services) - before
 
 
-async def fetch(channel: grpc.aio.Channel, timeout: float = 5.0) -> list[descriptor_pb2.FileDescriptorProto]:
+async def fetch(
+    channel: grpc.aio.Channel, timeout: float = 5.0
+) -> list[descriptor_pb2.FileDescriptorProto]:
     """Every file (with dependencies) behind the services a server lists via reflection."""
-    call = channel.stream_stream(
+    call: Any = channel.stream_stream(
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
-    )(timeout=timeout)
+    )(timeout=timeout)  # type: ignore[call-arg]
     try:
         await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
         listing = await call.read()
-        names = [s.name for s in listing.list_services_response.service
-                 if not s.name.startswith(_SKIP)]
+        names = [
+            s.name for s in listing.list_services_response.service if not s.name.startswith(_SKIP)
+        ]
         files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
         for name in names:
             await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=name))
@@ -107,7 +110,7 @@ async def fetch(channel: grpc.aio.Channel, timeout: float = 5.0) -> list[descrip
 async def discover(catalog: Catalog, channel: grpc.aio.Channel, label: str) -> None:
     try:
         added = catalog.add(await fetch(channel))
-    except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, grpc.aio.AioRpcError) as exc:
         log.info("reflection from %s not available: %s", label, exc)
         return
     if added:

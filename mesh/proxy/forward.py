@@ -12,6 +12,8 @@ report the outcome to the cluster (`_close`). Each has its own handler type, bec
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -20,16 +22,33 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from aimesh.inference.v1.inference_pb2 import GenerateChunk
+
 from ..errors import MeshError
-from .cluster import SS, SU, UU, US, Cluster, Upstream
+from .cluster import SS, SU, US, UU, Cluster, Upstream
 from .router import INFERENCE_SERVICE, MODEL_METHODS, RouteDecision, Router, split_path
 from .wire import read_string_field
 
 # Headers grpc manages itself on each hop; everything else is forwarded as is.
-_HOP_HEADERS = frozenset({"user-agent", "te", "content-type", "grpc-timeout", "grpc-encoding",
-                          "grpc-accept-encoding", ":authority", "host"})
+_HOP_HEADERS = frozenset(
+    {
+        "user-agent",
+        "te",
+        "content-type",
+        "grpc-timeout",
+        "grpc-encoding",
+        "grpc-accept-encoding",
+        ":authority",
+        "host",
+    }
+)
 
-ServicerContext = grpc.aio.ServicerContext  # type: ignore[type-arg]
+EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # (grpc-stubs predates it)
+GENERATE_STREAM = f"/{INFERENCE_SERVICE}/GenerateStream"
+# Chunks read ahead of a slow caller before the proxy stops reading (and so, through
+# HTTP/2 flow control, slows the backend).
+MAX_BACKLOG = 256
+MERGE_STREAMS = os.environ.get("AIMESH_MERGE_STREAMS", "1") != "0"
 
 
 def forwardable(metadata: Any) -> tuple[tuple[str, Any], ...]:
@@ -43,8 +62,9 @@ class NoRoute(MeshError):
 class Forwarder:
     """Holds the routing table and clusters; builds one handler per (method, call type)."""
 
-    def __init__(self, router: Router, clusters: Mapping[str, Cluster],
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self, router: Router, clusters: Mapping[str, Cluster], rng: random.Random | None = None
+    ) -> None:
         self.router = router
         self.clusters = dict(clusters)
         self.rng = rng or random.Random()
@@ -65,8 +85,11 @@ class Forwarder:
         service, method = split_path(path)
         router = self.router
         model = None
-        if router.uses_model and request is not None and service == INFERENCE_SERVICE and (
-            method in MODEL_METHODS
+        if (
+            router.uses_model
+            and request is not None
+            and service == INFERENCE_SERVICE
+            and (method in MODEL_METHODS)
         ):
             model = read_string_field(request, 1)
         headers = {k: v for k, v in metadata if isinstance(v, str)} if router.uses_headers else {}
@@ -79,7 +102,9 @@ class Forwarder:
             )
         return decision
 
-    def pick(self, decision: RouteDecision, exclude: tuple[str, ...] = ()) -> tuple[Cluster, Upstream]:
+    def pick(
+        self, decision: RouteDecision, exclude: tuple[str, ...] = ()
+    ) -> tuple[Cluster, Upstream]:
         for name in decision.order(self._available, self.rng):
             return self.clusters[name], self.clusters[name].pick(exclude)
         services = ", ".join(decision.services())
@@ -108,8 +133,9 @@ class Forwarder:
             return grpc.stream_unary_rpc_method_handler(self._su(path))
         return grpc.stream_stream_rpc_method_handler(self._ss(path))
 
-    def _open(self, path: str, context: Any, request: bytes | None, kind: str
-              ) -> tuple[Cluster, Upstream, Any, tuple[tuple[str, Any], ...], float | None]:
+    def _open(
+        self, path: str, context: Any, request: bytes | None, kind: str
+    ) -> tuple[Cluster, Upstream, Any, tuple[tuple[str, Any], ...], float | None]:
         md = context.invocation_metadata()
         decision = self.decide(path, md, request)
         cluster, up = self.pick(decision)
@@ -130,7 +156,9 @@ class Forwarder:
             trailers = None
             try:
                 response: bytes = await call
-                await context.send_initial_metadata(await call.initial_metadata())
+                initial = await call.initial_metadata()
+                if initial:  # an empty send would cost a batch of its own
+                    await context.send_initial_metadata(initial)
                 trailers = await call.trailing_metadata()
                 context.set_trailing_metadata(trailers)
                 return response
@@ -149,6 +177,8 @@ class Forwarder:
         return handle
 
     def _us(self, path: str) -> Callable[[bytes, Any], Any]:
+        merge = MERGE_STREAMS and path == GENERATE_STREAM
+
         async def handle(request: bytes, context: Any) -> None:
             try:
                 cluster, up, mc, md, timeout = self._open(path, context, request, US)
@@ -159,13 +189,18 @@ class Forwarder:
             code = None
             trailers = None
             try:
-                await context.send_initial_metadata(await call.initial_metadata())
-                read, write, eof = call.read, context.write, grpc.aio.EOF
-                while True:
-                    msg = await read()
-                    if msg is eof:
-                        break
-                    await write(msg)
+                initial = await call.initial_metadata()
+                if initial:
+                    await context.send_initial_metadata(initial)
+                if merge:
+                    await pump_merging(call, context)
+                else:
+                    read, write, eof = call.read, context.write, EOF
+                    while True:
+                        msg = await read()
+                        if msg is eof:
+                            break
+                        await write(msg)
                 trailers = await call.trailing_metadata()
                 context.set_trailing_metadata(trailers)
             except grpc.aio.AioRpcError as exc:
@@ -192,7 +227,9 @@ class Forwarder:
             code = None
             try:
                 response: bytes = await call
-                await context.send_initial_metadata(await call.initial_metadata())
+                initial = await call.initial_metadata()
+                if initial:
+                    await context.send_initial_metadata(initial)
                 context.set_trailing_metadata(await call.trailing_metadata())
                 return response
             except grpc.aio.AioRpcError as exc:
@@ -218,8 +255,10 @@ class Forwarder:
             call = mc(requests, metadata=md, timeout=timeout)
             code = None
             try:
-                await context.send_initial_metadata(await call.initial_metadata())
-                read, write, eof = call.read, context.write, grpc.aio.EOF
+                initial = await call.initial_metadata()
+                if initial:
+                    await context.send_initial_metadata(initial)
+                read, write, eof = call.read, context.write, EOF
                 while True:
                     msg = await read()
                     if msg is eof:
@@ -239,15 +278,83 @@ class Forwarder:
         return handle
 
 
+async def pump_merging(call: Any, context: Any) -> None:
+    """Copies an Inference token stream downstream, merging the chunks that queued up while
+    the caller was still reading the previous write.
+
+    A caller that keeps up gets every chunk as it arrives; one that falls behind gets the
+    backlog as one chunk (texts joined, index of the first, token counts summed, finish and
+    usage of the last), so a slow reader costs fewer writes instead of an ever longer queue.
+    Every token and its order are kept.
+    """
+    backlog: list[bytes] = []
+    wake = asyncio.Event()
+    room = asyncio.Event()  # cleared while the backlog is full: flow control still holds
+    room.set()
+    finished = False
+
+    async def reader() -> None:
+        nonlocal finished
+        read, eof = call.read, EOF
+        try:
+            while True:
+                msg = await read()
+                if msg is eof:
+                    return
+                backlog.append(msg)
+                wake.set()
+                if len(backlog) >= MAX_BACKLOG:
+                    room.clear()
+                    await room.wait()
+        finally:
+            finished = True
+            wake.set()
+
+    task = asyncio.get_running_loop().create_task(reader())
+    write = context.write
+    try:
+        while True:
+            await wake.wait()
+            wake.clear()
+            if backlog:
+                batch = backlog[:]
+                backlog.clear()
+                room.set()
+                await write(batch[0] if len(batch) == 1 else merge_chunks(batch))
+            elif finished:
+                break
+    finally:
+        if not task.done():
+            task.cancel()
+    await task  # re-raises the upstream's error, if any
+
+
+def merge_chunks(raw: list[bytes]) -> bytes:
+    chunks = [GenerateChunk.FromString(b) for b in raw]
+    first, last = chunks[0], chunks[-1]
+    merged = GenerateChunk(
+        text="".join(c.text for c in chunks),
+        index=first.index,
+        token_count=sum(c.token_count for c in chunks),
+        model=first.model or last.model,
+        finish_reason=last.finish_reason,
+    )
+    if last.HasField("usage"):
+        merged.usage.CopyFrom(last.usage)
+    return bytes(merged.SerializeToString())
+
+
 async def _relay_error(context: Any, exc: grpc.aio.AioRpcError) -> None:
     """Ends the downstream call with the upstream's status, message, headers and trailers."""
     initial = exc.initial_metadata()
     if initial:
         await context.send_initial_metadata(initial)
-    await context.abort(exc.code(), exc.details() or "", trailing_metadata=tuple(exc.trailing_metadata() or ()))
+    await context.abort(
+        exc.code(), exc.details() or "", trailing_metadata=tuple(exc.trailing_metadata() or ())
+    )
 
 
-class GenericHandler(grpc.GenericRpcHandler):
+class GenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Serves any method: the call type comes from known descriptors, else stream-stream.
 
     Register it after the proxy's own services (health, reflection): grpc asks generic

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .cluster import Cluster, Upstream
 
+EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # (grpc-stubs predates it)
 log = logging.getLogger("aimesh.proxy.health")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -88,8 +89,12 @@ class HealthChecker:
             else:
                 successes, failures = 0, failures + 1
                 if up.active_healthy and failures >= p.threshold:
-                    log.warning("%s/%s failed %d health checks: out of rotation",
-                                cluster.name, up.address, failures)
+                    log.warning(
+                        "%s/%s failed %d health checks: out of rotation",
+                        cluster.name,
+                        up.address,
+                        failures,
+                    )
                     cluster.set_active_health(up, False)
 
         while True:
@@ -100,7 +105,7 @@ class HealthChecker:
                     while True:
                         read = call.read()
                         resp = await (asyncio.wait_for(read, p.timeout) if first else read)
-                        if resp is grpc.aio.EOF:
+                        if resp is EOF:
                             break
                         first = False
                         if resp.status == SERVING:
@@ -110,8 +115,12 @@ class HealthChecker:
                             successes = 0
                             failures = p.threshold
                             if up.active_healthy:
-                                log.warning("%s/%s reports %s: out of rotation", cluster.name,
-                                            up.address, health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+                                log.warning(
+                                    "%s/%s reports %s: out of rotation",
+                                    cluster.name,
+                                    up.address,
+                                    health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status),
+                                )
                                 cluster.set_active_health(up, False)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() == grpc.StatusCode.UNIMPLEMENTED:

@@ -60,8 +60,9 @@ async def run(config_path: str, settings: ProxySettings, admin: str | None, grac
             {
                 "/ready": lambda: text_response("ready\n"),
                 "/clusters": lambda: json_response(proxy.snapshot()),
-                "/config": lambda: text_response(summary(proxy.config) + "\n"
-                                                 if proxy.config else "no config\n"),
+                "/config": lambda: text_response(
+                    summary(proxy.config) + "\n" if proxy.config else "no config\n"
+                ),
             }
         )
         await admin_server.start(admin)
@@ -73,8 +74,11 @@ async def run(config_path: str, settings: ProxySettings, admin: str | None, grac
             new = load_file(config_path)
         except (ConfigError, OSError) as exc:
             # Rejected whole: the running config stays live.
-            print(f"aimesh proxy: reload rejected, keeping the previous config: {exc}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"aimesh proxy: reload rejected, keeping the previous config: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         proxy.apply(new)
         print(f"aimesh proxy: reloaded {config_path}", file=sys.stderr, flush=True)
@@ -85,8 +89,10 @@ async def run(config_path: str, settings: ProxySettings, admin: str | None, grac
     host = settings.listen.rpartition(":")[0]
     parts = [f"aimesh proxy ({settings.mode}) listening on {host}:{proxy.ports['listen']}"]
     if "inbound" in proxy.ports:
-        parts.append(f"inbound on {settings.inbound_listen.rpartition(':')[0]}:"  # type: ignore[union-attr]
-                     f"{proxy.ports['inbound']} -> {settings.local_app}")
+        parts.append(
+            f"inbound on {settings.inbound_listen.rpartition(':')[0]}:"  # type: ignore[union-attr]
+            f"{proxy.ports['inbound']} -> {settings.local_app}"
+        )
     if admin_server is not None:
         parts.append(f"admin on http://{admin.rpartition(':')[0]}:{admin_server.port}/clusters")  # type: ignore[union-attr]
     clusters = ", ".join(f"{c.name} ({len(c.upstreams)})" for c in proxy.clusters.values())

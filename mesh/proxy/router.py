@@ -98,9 +98,17 @@ class Router:
         """Every call to one service: a sidecar's inbound side, towards its local app."""
         from ..config import load_dict
 
-        router = cls(load_dict({"apiVersion": "mesh.ai/v1", "kind": "ServiceMesh",
-                                "metadata": {"name": "sidecar-inbound"}, "spec": {}},
-                               source="<sidecar>"))
+        router = cls(
+            load_dict(
+                {
+                    "apiVersion": "mesh.ai/v1",
+                    "kind": "ServiceMesh",
+                    "metadata": {"name": "sidecar-inbound"},
+                    "spec": {},
+                },
+                source="<sidecar>",
+            )
+        )
         router._fallback = RouteDecision(policy="inbound", destinations=((service, 1),))
         return router
 

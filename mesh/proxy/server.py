@@ -61,18 +61,25 @@ def _health_policy(spec: ServiceSpec | None) -> HealthPolicy:
     if spec is None:
         return HealthPolicy()
     hc = spec.load_balancer.health_check
-    return HealthPolicy(interval=hc.interval, timeout=hc.timeout, threshold=hc.threshold,
-                        healthy_threshold=hc.healthy_threshold, service=hc.service,
-                        enabled=hc.enabled)
+    return HealthPolicy(
+        interval=hc.interval,
+        timeout=hc.timeout,
+        threshold=hc.threshold,
+        healthy_threshold=hc.healthy_threshold,
+        service=hc.service,
+        enabled=hc.enabled,
+    )
 
 
 def _outlier(spec: ServiceSpec | None) -> OutlierPolicy:
     if spec is None:
         return OutlierPolicy()
     o = spec.load_balancer.outlier_detection
-    return OutlierPolicy(consecutive_errors=o.consecutive_errors,
-                         base_ejection=o.base_ejection_time,
-                         max_ejection_fraction=o.max_ejection_percent)
+    return OutlierPolicy(
+        consecutive_errors=o.consecutive_errors,
+        base_ejection=o.base_ejection_time,
+        max_ejection_fraction=o.max_ejection_percent,
+    )
 
 
 class ReflectionRelay:
@@ -121,9 +128,11 @@ class Proxy:
         register_v1_descriptor(self.catalog.pool)
         self.catalog.services.add(REFLECTION_V1)
         self._channel_factory = insecure_channel_factory(
-            [*UPSTREAM_OPTIONS,
-             ("grpc.max_receive_message_length", settings.max_message_bytes),
-             ("grpc.max_send_message_length", settings.max_message_bytes)]
+            [
+                *UPSTREAM_OPTIONS,
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+            ]
         )
         self.forwarder: Forwarder | None = None
         self.inbound: Forwarder | None = None
@@ -153,8 +162,13 @@ class Proxy:
             if cluster is None or cluster.algorithm != algorithm:
                 if cluster is not None:
                     self._retire(cluster)
-                cluster = Cluster(name, algorithm=algorithm, channel_factory=self._channel_factory,
-                                  outlier=_outlier(spec), rng=random.Random(self.rng.random()))
+                cluster = Cluster(
+                    name,
+                    algorithm=algorithm,
+                    channel_factory=self._channel_factory,
+                    outlier=_outlier(spec),
+                    rng=random.Random(self.rng.random()),
+                )
                 self.health_checker.attach(cluster, _health_policy(spec))
                 cluster.on_added.append(self._learn)
             else:
@@ -209,12 +223,14 @@ class Proxy:
         if self.settings.mode == "sidecar":
             if not self.settings.inbound_listen or not self.settings.local_app:
                 raise ValueError("sidecar mode needs --inbound HOST:PORT and --local-app HOST:PORT")
-            local = Cluster("local-app", algorithm="round_robin",
-                            channel_factory=self._channel_factory)
+            local = Cluster(
+                "local-app", algorithm="round_robin", channel_factory=self._channel_factory
+            )
             local.set_endpoints([EndpointAddr(self.settings.local_app)])
             self.health_checker.attach(local, HealthPolicy(interval=5.0))
-            self.inbound = Forwarder(Router.catch_all("local-app"), {"local-app": local},
-                                     rng=self.rng)
+            self.inbound = Forwarder(
+                Router.catch_all("local-app"), {"local-app": local}, rng=self.rng
+            )
             inbound, in_health = self._server(self.inbound)
             self.ports["inbound"] = bind(inbound, self.settings.inbound_listen)
             self.servers.append(inbound)
@@ -234,10 +250,12 @@ class Proxy:
             t.cancel()
         channels = [u.channel for c in self.clusters.values() for u in c.upstreams.values()]
         if self.inbound is not None:
-            channels += [u.channel for c in self.inbound.clusters.values()
-                         for u in c.upstreams.values()]
-        await asyncio.gather(*(ch.close() for ch in channels + self._closing),
-                             return_exceptions=True)
+            channels += [
+                u.channel for c in self.inbound.clusters.values() for u in c.upstreams.values()
+            ]
+        await asyncio.gather(
+            *(ch.close(None) for ch in channels + self._closing), return_exceptions=True
+        )
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {
