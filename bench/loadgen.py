@@ -143,6 +143,7 @@ class Call:
     instance: str = ""  # the `aimesh-instance` trailer: which backend served it
     error: str = ""  # status code name, or "UNFINISHED" when cut off at the drain limit
     tokens: int = 0
+    waited: float = 0.0  # UNFINISHED: send -> cut off (a lower bound of ttft/total)
 
 
 async def open_loop_streams(
@@ -194,6 +195,7 @@ async def open_loop_streams(
                         c.instance = str(value)
             except asyncio.CancelledError:
                 c.error = "UNFINISHED"
+                c.waited = time.perf_counter() - t0
                 call.cancel()
 
         tasks: list[asyncio.Task[None]] = []

@@ -758,6 +758,7 @@ def _warnings(cfg: MeshConfig) -> Iterator[str]:
     yield from _undeclared(cfg)
     yield from _shadowed(cfg)
     yield from _inert_breakers(cfg)
+    yield from _not_yet_applied(cfg)
     yield from _security_warnings(cfg.security)
 
 
@@ -795,6 +796,23 @@ def _inert_breakers(cfg: MeshConfig) -> Iterator[str]:
             yield (
                 f"spec.services[{i}].circuitBreaker.enabled: false (the default), "
                 "so the circuit breaker settings given have no effect"
+            )
+
+
+def _not_yet_applied(cfg: MeshConfig) -> Iterator[str]:
+    # Parsed and validated now so documents stay valid, but the proxy does not act on them
+    # until the resilience work lands; say so rather than let users believe they are on.
+    for i, service in enumerate(cfg.services):
+        if service.circuit_breaker.enabled:
+            yield (
+                f"spec.services[{i}].circuitBreaker: not enforced yet; this version of the "
+                "proxy ejects failing endpoints (outlierDetection) but has no circuit breaker"
+            )
+    for i, policy in enumerate(cfg.traffic_policies):
+        if policy.retry is not None and policy.retry.attempts > 1:
+            yield (
+                f"spec.trafficPolicies[{i}].retry: not applied yet; this version of the proxy "
+                "does not retry calls"
             )
 
 

@@ -121,6 +121,7 @@ class Cluster:
         self.algorithm = algorithm
         self.picker: Picker = make_picker(algorithm, clock=clock, rng=rng or random.Random())
         self.wants_load = algorithm == "load_aware"
+        self.timeout: float | None = None  # the service's per-call cap, if its spec sets one
         self.outlier = outlier or OutlierPolicy()
         self.clock = clock
         self._channel_factory = channel_factory

@@ -140,8 +140,9 @@ class Forwarder:
         decision = self.decide(path, md, request)
         cluster, up = self.pick(decision)
         timeout = context.time_remaining()
-        if decision.timeout is not None and (timeout is None or decision.timeout < timeout):
-            timeout = decision.timeout
+        for cap in (decision.timeout, cluster.timeout):
+            if cap is not None and (timeout is None or cap < timeout):
+                timeout = cap
         return cluster, up, up.multicallable(path, kind), forwardable(md), timeout
 
     def _uu(self, path: str) -> Callable[[bytes, Any], Any]:

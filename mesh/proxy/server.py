@@ -173,6 +173,7 @@ class Proxy:
                 cluster.on_added.append(self._learn)
             else:
                 cluster.outlier = _outlier(spec)
+            cluster.timeout = spec.timeout if spec else None
             self._closing += cluster.set_endpoints(self._endpoints_for(name, spec))
             new[name] = cluster
         for name, cluster in self.clusters.items():

@@ -1,0 +1,398 @@
+"""Balancing quality for LLM traffic: p99 time to first token behind each balancer.
+
+    python -m bench.balance [--duration SECONDS] [--seed N] [--load FRACTION]
+
+A fleet of four sim backends serves `gpt-4`, three fast and one 4x slower (4x the time
+to first token, a quarter of the decode speed). One seeded, bursty, open-loop arrival
+schedule (Poisson background plus Poisson bursts) is replayed through each balancer in
+turn, on the same fleet, which is left to drain between runs:
+
+    Envoy ROUND_ROBIN, Envoy LEAST_REQUEST (P2C), aimesh round_robin,
+    aimesh least_connections (P2C), aimesh load_aware (ORCA reports in trailers).
+
+Every call is a GenerateStream; TTFT is send -> first chunk, total is send -> end of
+stream, and the `aimesh-instance` trailer says which backend served it. The claim tested
+(from the issue): load_aware p99 TTFT <= 0.5x Envoy LEAST_REQUEST and <= 0.3x round robin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import platform
+import random
+import resource
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc.aio
+
+from aimesh.mesh import procs
+from aimesh.sim.v1 import sim_pb2, sim_pb2_grpc
+
+from . import loadgen
+from .envoy import Envoy
+
+MODEL = "gpt-4"
+
+
+@dataclass(frozen=True)
+class Instance:
+    name: str
+    ttft: float  # seconds
+    tps: float
+    slots: int = 4
+    batch_slowdown: float = 0.1  # the sim's default
+    length: tuple[int, int] = (20, 40)
+
+    def flags(self) -> list[str]:
+        return ["--slots", str(self.slots), "--max-queue", "1000",
+                "--ttft", f"{self.ttft * 1000:g}ms", "--tps", f"{self.tps:g}",
+                "--batch-slowdown", f"{self.batch_slowdown:g}",
+                "--length", f"{self.length[0]}-{self.length[1]}", "--grace", "1s"]
+
+    def capacity(self) -> float:
+        """Calls per second with every slot busy (decode slowed by the full batch)."""
+        mean_len = sum(self.length) / 2
+        per_call = self.ttft + mean_len * (1 + self.batch_slowdown * (self.slots - 1)) / self.tps
+        return self.slots / per_call
+
+
+FLEET = (
+    Instance("fast-1", ttft=0.040, tps=100),
+    Instance("fast-2", ttft=0.040, tps=100),
+    Instance("fast-3", ttft=0.040, tps=100),
+    Instance("slow-1", ttft=0.160, tps=25),
+)
+SLOW = "slow-1"
+
+
+# -- the arrival schedule ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Poisson background plus Poisson bursts of `burst` calls spread over `spread` s."""
+
+    rate: float  # mean calls per second, all told
+    burst_share: float = 0.6  # of the calls, the share that come in bursts
+    burst: tuple[int, int] = (8, 16)  # calls per burst, uniform
+    spread: float = 0.1  # seconds a burst's calls are spread over
+
+    def arrivals(self, duration: float, seed: int) -> list[float]:
+        rng = random.Random(seed)
+        out: list[float] = []
+        background = self.rate * (1 - self.burst_share)
+        t = rng.expovariate(background) if background > 0 else duration
+        while t < duration:
+            out.append(t)
+            t += rng.expovariate(background)
+        mean_burst = sum(self.burst) / 2
+        burst_rate = self.rate * self.burst_share / mean_burst
+        t = rng.expovariate(burst_rate) if burst_rate > 0 else duration
+        while t < duration:
+            for _ in range(rng.randint(*self.burst)):
+                out.append(t + rng.uniform(0, self.spread))
+            t += rng.expovariate(burst_rate)
+        return sorted(x for x in out if x < duration)
+
+
+# -- processes --------------------------------------------------------------------------
+
+
+PROXY_CONFIG = """apiVersion: mesh.ai/v1
+kind: ServiceMesh
+metadata: {{name: bench-balance}}
+spec:
+  services:
+    - name: llm
+      models: [{model}]
+      loadBalancer: {{algorithm: {algorithm}}}
+"""
+
+
+def start_fleet() -> list[procs.Proc]:
+    sims: list[procs.Proc] = []
+    try:
+        for inst in FLEET:
+            sims.append(procs.start_sim(inst.name, [MODEL], *inst.flags()))
+    except BaseException:
+        for s in sims:
+            s.kill()
+        raise
+    return sims
+
+
+def start_aimesh(algorithm: str, backends: Sequence[str], workdir: Path, seed: int) -> procs.Proc:
+    cfg = workdir / f"mesh-{algorithm}.yaml"
+    cfg.write_text(PROXY_CONFIG.format(model=MODEL, algorithm=algorithm))
+    flags = [a for b in backends for a in ("--endpoint", f"llm={b}")]
+    return procs.start(f"aimesh-proxy-{algorithm}", procs.aimesh_command(
+        "proxy", "--listen", "127.0.0.1:0", "--config", str(cfg), "--seed", str(seed),
+        "--grace", "2s", *flags))
+
+
+async def sim_busy(address: str) -> int:
+    """Calls running or queued on a sim backend."""
+    async with grpc.aio.insecure_channel(address) as ch:
+        s = await sim_pb2_grpc.SimControlStub(ch).GetStats(sim_pb2.GetStatsRequest(), timeout=5)
+    return int(s.active + s.queued)
+
+
+async def wait_idle(sims: Sequence[procs.Proc], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = [await sim_busy(s.address) for s in sims]
+        if not any(busy) or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.1)
+
+
+# -- one configuration ------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    label: str
+    calls: list[loadgen.Call]
+    wall: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)  # process group -> CPU seconds
+    machine: float = math.nan  # cores busy on the whole machine during the run
+
+    def _done(self) -> list[loadgen.Call]:
+        return [c for c in self.calls if not c.error]
+
+    def ttft_pct(self, q: float) -> tuple[float, bool]:
+        """The q-quantile of TTFT over every call; a call cut off before its first token
+        counts with the time it had waited (a lower bound): returns (value, is_bound)."""
+        values = [(c.ttft, False) if c.ttft is not None else (c.waited, True)
+                  for c in self.calls if c.ttft is not None or c.error == "UNFINISHED"]
+        return _pct(values, q)
+
+    def total_pct(self, q: float) -> tuple[float, bool]:
+        values = [(c.total, False) if c.total is not None else (c.waited, True)
+                  for c in self.calls if c.total is not None or c.error == "UNFINISHED"]
+        return _pct(values, q)
+
+    def share(self, instance: str) -> float:
+        served = [c for c in self.calls if c.instance]
+        return sum(c.instance == instance for c in served) / len(served) if served else math.nan
+
+    def errors(self) -> Counter[str]:
+        return Counter(c.error for c in self.calls if c.error)
+
+    def max_lag(self) -> float:
+        return max((c.lag for c in self.calls), default=0.0)
+
+
+def _pct(values: list[tuple[float, bool]], q: float) -> tuple[float, bool]:
+    if not values:
+        return math.nan, False
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _cpu(pids: Sequence[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += loadgen.cpu_seconds(pid)
+        except OSError:
+            pass
+    return total
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    ticks = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields) - idle) / ticks, sum(fields) / ticks
+
+
+def _self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def measure(label: str, target: str, proxy_pid: int, sims: Sequence[procs.Proc],
+                  schedule: Schedule, duration: float, seed: int, warmup: float,
+                  drain_timeout: float) -> Run:
+    if warmup > 0:  # same load, another seed: the balancer gets latencies and reports
+        await loadgen.open_loop_streams(target, schedule.arrivals(warmup, seed + 1_000_003),
+                                        drain_timeout=drain_timeout, prompt="warm up {i}")
+        await wait_idle(sims)
+    arrivals = schedule.arrivals(duration, seed)
+    sim_pids = [s.pid for s in sims]
+    c0 = (_cpu([proxy_pid]), _cpu(sim_pids), _self_cpu())
+    m0 = machine_busy()
+    t0 = time.perf_counter()
+    calls = await loadgen.open_loop_streams(target, arrivals, drain_timeout=drain_timeout,
+                                            prompt="balance prompt {i}")
+    wall = time.perf_counter() - t0
+    c1 = (_cpu([proxy_pid]), _cpu(sim_pids), _self_cpu())
+    m1 = machine_busy()
+    await wait_idle(sims)
+    run = Run(label, calls, wall, {"proxy": c1[0] - c0[0], "backends": c1[1] - c0[1],
+                                   "generator": c1[2] - c0[2]})
+    run.machine = (m1[0] - m0[0]) / wall  # cores busy machine-wide (ours and anyone else's)
+    print(f"  {row_text(run)}", flush=True)
+    return run
+
+
+CONFIGS: tuple[tuple[str, str, str], ...] = (
+    ("Envoy round robin", "envoy", "ROUND_ROBIN"),
+    ("Envoy least request", "envoy", "LEAST_REQUEST"),
+    ("aimesh round_robin", "aimesh", "round_robin"),
+    ("aimesh least_connections", "aimesh", "least_connections"),
+    ("aimesh load_aware", "aimesh", "load_aware"),
+)
+
+
+async def run_all(duration: float, seed: int, *, load: float = 0.7, warmup: float = 2.0,
+                  drain_timeout: float | None = None,
+                  only: Callable[[str], bool] = lambda _: True) -> tuple[list[Run], Schedule]:
+    capacity = sum(i.capacity() for i in FLEET)
+    schedule = Schedule(rate=load * capacity)
+    if drain_timeout is None:
+        drain_timeout = max(10.0, duration / 2)
+    n = len(schedule.arrivals(duration, seed))
+    print(f"fleet capacity ~{capacity:.1f} calls/s; schedule: {n} calls in {duration:g}s "
+          f"({n / duration:.1f}/s, {load:.0%} of capacity), seed {seed}", flush=True)
+    sims = start_fleet()
+    runs: list[Run] = []
+    tmp = tempfile.TemporaryDirectory(prefix="aimesh-bench-balance-")
+    try:
+        backends = [s.address for s in sims]
+        for label, kind, policy in CONFIGS:
+            if not only(label):
+                continue
+            if kind == "envoy":
+                with Envoy(backends, lb_policy=policy) as envoy:
+                    runs.append(await measure(label, envoy.address, envoy.pid, sims, schedule,
+                                              duration, seed, warmup, drain_timeout))
+            else:
+                proxy = start_aimesh(policy, backends, Path(tmp.name), seed)
+                try:
+                    runs.append(await measure(label, proxy.address, proxy.pid, sims, schedule,
+                                              duration, seed, warmup, drain_timeout))
+                finally:
+                    proxy.terminate()
+    finally:
+        for s in sims:
+            s.terminate()
+        tmp.cleanup()
+    return runs, schedule
+
+
+# -- reporting --------------------------------------------------------------------------
+
+
+def _ms(v: tuple[float, bool]) -> str:
+    value, bound = v
+    return ("≥" if bound else "") + f"{value * 1000:,.0f}"
+
+
+def row_text(r: Run) -> str:
+    cores = sum(r.cpu.values()) / r.wall if r.wall else math.nan
+    return (f"{r.label:<26} TTFT p50 {_ms(r.ttft_pct(.5)):>7} p95 {_ms(r.ttft_pct(.95)):>7} "
+            f"p99 {_ms(r.ttft_pct(.99)):>7} ms  total p99 {_ms(r.total_pct(.99)):>7} ms  "
+            f"slow share {r.share(SLOW):5.1%}  errors {sum(r.errors().values())}  "
+            f"max send lag {r.max_lag() * 1000:.0f} ms  CPU {cores:.2f} cores "
+            f"(machine {r.machine:.2f})")
+
+
+def _by(runs: Sequence[Run], label: str) -> Run | None:
+    return next((r for r in runs if r.label == label), None)
+
+
+def ratios(runs: Sequence[Run]) -> list[tuple[str, float, float]]:
+    la, lr = _by(runs, "aimesh load_aware"), _by(runs, "Envoy least request")
+    rr = _by(runs, "Envoy round robin")
+    out = []
+    if la and lr:
+        out.append(("load_aware / Envoy least request", la.ttft_pct(.99)[0] / lr.ttft_pct(.99)[0],
+                    0.5))
+    if la and rr:
+        out.append(("load_aware / Envoy round robin", la.ttft_pct(.99)[0] / rr.ttft_pct(.99)[0],
+                    0.3))
+    return out
+
+
+def report(runs: Sequence[Run], schedule: Schedule, duration: float, seed: int) -> str:
+    n = len(runs[0].calls) if runs else 0
+    fast, slow = FLEET[0], next(i for i in FLEET if i.name == SLOW)
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} "
+        f"cores, {platform.machine()}, Python {platform.python_version()}. Fleet: "
+        f"{len(FLEET) - 1} sim backends with {fast.slots} slots, TTFT {fast.ttft * 1000:g} ms, "
+        f"{fast.tps:g} tokens/s and one 4x slower (TTFT {slow.ttft * 1000:g} ms, "
+        f"{slow.tps:g} tokens/s), completions of {fast.length[0]}-{fast.length[1]} tokens, "
+        f"batch slowdown {fast.batch_slowdown:g} per extra generation; about "
+        f"{sum(i.capacity() for i in FLEET):.0f} calls/s at full batches. Load: one open-loop "
+        f"schedule (seed {seed}) of {n} GenerateStream calls in {duration:g} s, "
+        f"{schedule.rate:.1f} calls/s on average ({1 - schedule.burst_share:.0%} Poisson, "
+        f"{schedule.burst_share:.0%} in Poisson bursts of {schedule.burst[0]}-"
+        f"{schedule.burst[1]} calls within {schedule.spread * 1000:g} ms), replayed through "
+        "each balancer after a 2 s warm-up, fleet drained between runs. Envoy 1.40 "
+        "`--concurrency 1`; one `aimesh proxy` process. TTFT is send to first chunk; "
+        "`≥` marks a bound (calls cut off unfinished at the drain limit).",
+        "",
+        "| balancer | TTFT p50 ms | TTFT p95 ms | TTFT p99 ms | total p99 ms | "
+        "calls to slow instance | errors | max send lag ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        errs = r.errors()
+        err = str(sum(errs.values())) + (
+            " (" + ", ".join(f"{k} {v}" for k, v in sorted(errs.items())) + ")" if errs else "")
+        lines.append(
+            f"| {r.label} | {_ms(r.ttft_pct(.5))} | {_ms(r.ttft_pct(.95))} | "
+            f"{_ms(r.ttft_pct(.99))} | {_ms(r.total_pct(.99))} | {r.share(SLOW):.1%} | {err} | "
+            f"{r.max_lag() * 1000:.0f} |")
+    lines.append("")
+    for name, value, target in ratios(runs):
+        verdict = "met" if value <= target else "NOT met"
+        lines.append(f"- p99 TTFT {name}: **{value:.2f}x** (target <= {target:g}x: {verdict})")
+    return "\n".join(lines)
+
+
+def run(duration: float, seed: int) -> str:
+    """Runs every configuration and returns the markdown section for docs/benchmarks.md."""
+    runs, schedule = asyncio.run(run_all(duration, seed))
+    return report(runs, schedule, duration, seed)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.balance")
+    parser.add_argument("--duration", type=float, default=20.0,
+                        help="seconds of arrivals per configuration (default 20)")
+    parser.add_argument("--seed", type=int, default=1, help="arrival schedule seed")
+    parser.add_argument("--load", type=float, default=0.7,
+                        help="mean arrival rate as a fraction of fleet capacity (default 0.7)")
+    parser.add_argument("--only", default="", help="run only configurations whose label "
+                        "contains this text (e.g. load_aware)")
+    parser.add_argument("--dump", default="", help="write every call of every run as JSON here")
+    args = parser.parse_args()
+    runs, schedule = asyncio.run(run_all(args.duration, args.seed, load=args.load,
+                                         only=lambda label: args.only in label))
+    if args.dump:
+        import dataclasses
+        import json
+
+        Path(args.dump).write_text(json.dumps(
+            {r.label: [dataclasses.asdict(c) for c in r.calls] for r in runs}))
+    print()
+    print(report(runs, schedule, args.duration, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
