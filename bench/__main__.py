@@ -2,8 +2,9 @@
 
     python -m bench [--duration SECONDS] [--only NAME]
 
-Today: the direct-call baseline against the sim backend (every later comparison, proxy,
-Envoy, proxyless, is reported against it).
+Sections: `baseline` (direct calls to the sim backend), `proxy` (aimesh proxy against
+Envoy 1.40 and a direct call), `balance` (balancing quality on a fleet with a slow
+instance), `streams` (10,000 concurrent token streams through one proxy).
 """
 
 from __future__ import annotations
@@ -94,20 +95,41 @@ def _update(section: str, body: str) -> None:
     DOC.write_text(text)
 
 
+SECTIONS = ("baseline", "proxy", "balance", "streams")
+
+
+def _section(name: str, duration: float) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+    if name == "baseline":
+        table = asyncio.run(_baseline(duration))
+        return (
+            f"Measured {stamp} on {machine}; load generator: `bench/loadgen.py` (grpc.aio, "
+            f"closed loop, one channel), {duration:g} s per row.\n\n{table}"
+        )
+    if name == "proxy":
+        from . import proxy
+
+        return proxy.report(asyncio.run(proxy.run(duration)), duration)
+    if name == "balance":
+        from . import balance
+
+        return str(balance.run(duration=max(duration * 3, 10.0), seed=1))
+    from . import streams
+
+    return str(streams.run())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--only", choices=SECTIONS, action="append",
+                        help="run only these sections (repeatable)")
     args = parser.parse_args()
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
-    print(f"baseline: direct calls to one sim backend process ({args.duration:g}s each)")
-    table = asyncio.run(_baseline(args.duration))
-    _update(
-        "baseline",
-        f"Measured {stamp} on {machine}; load generator: `bench/loadgen.py` (grpc.aio, "
-        f"closed loop, one channel), {args.duration:g} s per row.\n\n{table}",
-    )
-    print(f"wrote {DOC}")
+    for name in args.only or SECTIONS:
+        print(f"== {name}", flush=True)
+        _update(name, _section(name, args.duration))
+        print(f"wrote the {name} section of {DOC}", flush=True)
     return 0
 
 

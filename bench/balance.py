@@ -138,11 +138,20 @@ def start_aimesh(algorithm: str, backends: Sequence[str], workdir: Path, seed: i
         "--grace", "2s", *flags))
 
 
+async def sim_stats(address: str) -> sim_pb2.Stats:
+    async with grpc.aio.insecure_channel(address) as ch:
+        return await sim_pb2_grpc.SimControlStub(ch).GetStats(sim_pb2.GetStatsRequest(),
+                                                              timeout=5)
+
+
 async def sim_busy(address: str) -> int:
     """Calls running or queued on a sim backend."""
-    async with grpc.aio.insecure_channel(address) as ch:
-        s = await sim_pb2_grpc.SimControlStub(ch).GetStats(sim_pb2.GetStatsRequest(), timeout=5)
+    s = await sim_stats(address)
     return int(s.active + s.queued)
+
+
+async def sim_calls(sims: Sequence[procs.Proc]) -> dict[str, int]:
+    return {s.name: int((await sim_stats(s.address)).calls_total) for s in sims}
 
 
 async def wait_idle(sims: Sequence[procs.Proc], timeout: float = 30.0) -> None:
@@ -164,6 +173,7 @@ class Run:
     wall: float = 0.0
     cpu: dict[str, float] = field(default_factory=dict)  # process group -> CPU seconds
     machine: float = math.nan  # cores busy on the whole machine during the run
+    served: dict[str, int] = field(default_factory=dict)  # calls each backend counted
 
     def _done(self) -> list[loadgen.Call]:
         return [c for c in self.calls if not c.error]
@@ -181,8 +191,17 @@ class Run:
         return _pct(values, q)
 
     def share(self, instance: str) -> float:
-        served = [c for c in self.calls if c.instance]
-        return sum(c.instance == instance for c in served) / len(served) if served else math.nan
+        """Share of the calls sent to `instance`, by the backends' own counters (which
+        also count calls cut off before their trailers named the instance)."""
+        total = sum(self.served.values())
+        return self.served.get(instance, 0) / total if total else math.nan
+
+    def ttft_by_instance(self, q: float) -> dict[str, float]:
+        by: dict[str, list[float]] = {}
+        for c in self.calls:
+            if c.ttft is not None and c.instance:
+                by.setdefault(c.instance, []).append(c.ttft)
+        return {k: sorted(v)[min(len(v) - 1, int(q * len(v)))] for k, v in sorted(by.items())}
 
     def errors(self) -> Counter[str]:
         return Counter(c.error for c in self.calls if c.error)
@@ -233,17 +252,24 @@ async def measure(label: str, target: str, proxy_pid: int, sims: Sequence[procs.
     sim_pids = [s.pid for s in sims]
     c0 = (_cpu([proxy_pid]), _cpu(sim_pids), _self_cpu())
     m0 = machine_busy()
+    n0 = await sim_calls(sims)
     t0 = time.perf_counter()
     calls = await loadgen.open_loop_streams(target, arrivals, drain_timeout=drain_timeout,
                                             prompt="balance prompt {i}")
     wall = time.perf_counter() - t0
     c1 = (_cpu([proxy_pid]), _cpu(sim_pids), _self_cpu())
     m1 = machine_busy()
+    n1 = await sim_calls(sims)
     await wait_idle(sims)
     run = Run(label, calls, wall, {"proxy": c1[0] - c0[0], "backends": c1[1] - c0[1],
                                    "generator": c1[2] - c0[2]})
+    run.served = {k: n1[k] - n0[k] for k in n1}
     run.machine = (m1[0] - m0[0]) / wall  # cores busy machine-wide (ours and anyone else's)
     print(f"  {row_text(run)}", flush=True)
+    print("    served " + ", ".join(f"{k} {v}" for k, v in run.served.items()) + "; TTFT p50 "
+          + ", ".join(f"{k} {v * 1000:.0f}" for k, v in run.ttft_by_instance(.5).items())
+          + " ms; p90 " + ", ".join(f"{k} {v * 1000:.0f}" for k, v in
+                                   run.ttft_by_instance(.9).items()) + " ms", flush=True)
     return run
 
 

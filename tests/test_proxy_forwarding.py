@@ -163,7 +163,7 @@ async def test_client_cancellation_reaches_the_backend(make_proxy, make_sim: Sim
 
 
 def test_merge_chunks_keeps_every_token_in_order() -> None:
-    from aimesh.mesh.proxy.forward import merge_chunks
+    from aimesh.mesh.proxy.tokenstream import merge_chunks
 
     parts = [
         pb.GenerateChunk(text="Hello", index=0, token_count=1, model="gpt-4"),
@@ -176,7 +176,7 @@ def test_merge_chunks_keeps_every_token_in_order() -> None:
             usage=pb.Usage(prompt_tokens=2, completion_tokens=3, total_tokens=5),
         ),
     ]
-    merged = pb.GenerateChunk.FromString(merge_chunks([p.SerializeToString() for p in parts]))
+    merged = merge_chunks([p.SerializeToString() for p in parts])
     assert merged.text == "Hello big world"
     assert (merged.index, merged.token_count, merged.model) == (0, 3, "gpt-4")
     assert merged.finish_reason == pb.FINISH_REASON_STOP

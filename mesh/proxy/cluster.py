@@ -196,6 +196,10 @@ class Cluster:
             self.rebuild()
         return bool(self._eligible)
 
+    def has_untried(self, exclude: Iterable[str]) -> bool:
+        tried = set(exclude)
+        return any(ep.address not in tried for ep in self._eligible)
+
     # -- the hot path -------------------------------------------------------------------
 
     def pick(self, exclude: Iterable[str] = ()) -> Upstream:

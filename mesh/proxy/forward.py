@@ -1,13 +1,14 @@
 """Raw-bytes forwarding of any gRPC call to the endpoint the router and balancer choose.
 
-Messages are never deserialized (the one exception: the `model` field of Inference
-requests is read off the wire when a route needs it). Request headers, response headers,
-trailers, status codes, messages and `grpc-status-details-bin` pass through unchanged;
-cancellation and deadlines propagate; flow control holds because every write is awaited.
+Messages are never deserialized (exceptions: the `model` field of Inference requests is
+read off the wire when a route needs it, and Inference token streams are read chunk by
+chunk so they can be merged for slow callers and resumed elsewhere). Request headers,
+response headers, trailers, status codes, messages and `grpc-status-details-bin` pass
+through unchanged; cancellation and deadlines propagate; flow control holds because every
+write is awaited.
 
-The four call types share one shape: route and pick (`_open`), run the upstream call,
-report the outcome to the cluster (`_close`). Each has its own handler type, because a
-`stream_stream` handler for a unary method costs about half again as much per call.
+All four call types share one core (`_forward`); each still gets its own handler type,
+because a `stream_stream` handler for a unary method costs about half again as much.
 """
 
 from __future__ import annotations
@@ -16,47 +17,34 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from aimesh.inference.v1.inference_pb2 import GenerateChunk
-
 from ..errors import MeshError
 from .cluster import SS, SU, US, UU, Cluster, Upstream
 from .router import INFERENCE_SERVICE, MODEL_METHODS, RouteDecision, Router, split_path
+from .tokenstream import Delivered, pump, resumed_request
 from .wire import read_string_field
 
 # Headers grpc manages itself on each hop; everything else is forwarded as is.
 _HOP_HEADERS = frozenset(
-    {
-        "user-agent",
-        "te",
-        "content-type",
-        "grpc-timeout",
-        "grpc-encoding",
-        "grpc-accept-encoding",
-        ":authority",
-        "host",
-    }
+    {"user-agent", "te", "content-type", "grpc-timeout", "grpc-encoding",
+     "grpc-accept-encoding", ":authority", "host"}
 )
-
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # (grpc-stubs predates it)
 GENERATE_STREAM = f"/{INFERENCE_SERVICE}/GenerateStream"
-# Chunks read ahead of a slow caller before the proxy stops reading (and so, through
-# HTTP/2 flow control, slows the backend).
-MAX_BACKLOG = 256
 MERGE_STREAMS = os.environ.get("AIMESH_MERGE_STREAMS", "1") != "0"
+# Statuses after which a broken token stream is resumed on another endpoint.
+RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
+                       grpc.StatusCode.UNKNOWN})
+MAX_RESUMES = 3
 
 
 def forwardable(metadata: Any) -> tuple[tuple[str, Any], ...]:
     return tuple((k, v) for k, v in metadata if k not in _HOP_HEADERS)
-
-
-class NoRoute(MeshError):
-    pass
 
 
 class Forwarder:
@@ -68,7 +56,11 @@ class Forwarder:
         self.router = router
         self.clusters = dict(clusters)
         self.rng = rng or random.Random()
-        self._handlers: dict[tuple[str, str], grpc.RpcMethodHandler] = {}  # type: ignore[type-arg]
+        self._handlers: dict[tuple[str, str], Any] = {}
+        self.calls: set[Any] = set()  # upstream calls in flight
+        self.draining = False  # refuse new calls
+        self.aborting = False  # end the calls still in flight with UNAVAILABLE
+        self.resumed = 0  # token streams resumed on another endpoint
 
     def update(self, router: Router, clusters: Mapping[str, Cluster]) -> None:
         """Swaps in a new routing table; calls in flight keep the upstream they have."""
@@ -82,41 +74,53 @@ class Forwarder:
         return c is not None and c.has_eligible()
 
     def decide(self, path: str, metadata: Any, request: bytes | None) -> RouteDecision:
+        if self.draining:
+            raise MeshError(grpc.StatusCode.UNAVAILABLE,
+                            "this proxy is shutting down; retry on another instance")
         service, method = split_path(path)
         router = self.router
         model = None
-        if (
-            router.uses_model
-            and request is not None
-            and service == INFERENCE_SERVICE
-            and (method in MODEL_METHODS)
+        if router.uses_model and request is not None and service == INFERENCE_SERVICE and (
+            method in MODEL_METHODS
         ):
             model = read_string_field(request, 1)
         headers = {k: v for k, v in metadata if isinstance(v, str)} if router.uses_headers else {}
         decision = router.route(service, method, headers, model)
         if decision is None:
             what = f"model {model!r}" if model else path
-            raise NoRoute(
+            raise MeshError(
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"no route for {what}: no traffic policy matches and no service serves it",
             )
         return decision
 
-    def pick(
-        self, decision: RouteDecision, exclude: tuple[str, ...] = ()
-    ) -> tuple[Cluster, Upstream]:
-        for name in decision.order(self._available, self.rng):
-            return self.clusters[name], self.clusters[name].pick(exclude)
-        services = ", ".join(decision.services())
+    def pick(self, decision: RouteDecision, exclude: tuple[str, ...] = ()
+             ) -> tuple[Cluster, Upstream]:
+        order = decision.order(self._available, self.rng)
+        for name in order:
+            cluster = self.clusters[name]
+            if exclude and not cluster.has_untried(exclude):
+                continue  # a retry goes to an endpoint not tried yet, in the backups if need be
+            return cluster, cluster.pick(exclude)
+        if order:  # every candidate was tried: the first is still better than failing
+            cluster = self.clusters[order[0]]
+            return cluster, cluster.pick(exclude)
         raise MeshError(
             grpc.StatusCode.UNAVAILABLE,
-            f"no healthy endpoint for {services} (route {decision.policy}); "
-            "check the services' health in the proxy's admin endpoint",
+            f"no healthy endpoint for {', '.join(decision.services())} (route "
+            f"{decision.policy}); check the services' health in the proxy's admin endpoint",
         )
+
+    def _timeout(self, context: Any, decision: RouteDecision, cluster: Cluster) -> float | None:
+        timeout: float | None = context.time_remaining()
+        for cap in (decision.timeout, cluster.timeout):
+            if cap is not None and (timeout is None or cap < timeout):
+                timeout = cap
+        return timeout
 
     # -- handlers -----------------------------------------------------------------------
 
-    def handler(self, path: str, kind: str) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
+    def handler(self, path: str, kind: str) -> Any:
         key = (path, kind)
         h = self._handlers.get(key)
         if h is None:
@@ -124,234 +128,176 @@ class Forwarder:
             self._handlers[key] = h
         return h
 
-    def _make(self, path: str, kind: str) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
+    def _make(self, path: str, kind: str) -> Any:
         if kind == UU:
-            return grpc.unary_unary_rpc_method_handler(self._uu(path))
+            async def uu(request: bytes, context: Any) -> Any:
+                return await self._forward(path, UU, context, request)
+
+            return grpc.unary_unary_rpc_method_handler(uu)
         if kind == US:
-            return grpc.unary_stream_rpc_method_handler(self._us(path))
+            if path == GENERATE_STREAM:
+                async def gen(request: bytes, context: Any) -> None:
+                    await self._generate_stream(path, context, request)
+
+                return grpc.unary_stream_rpc_method_handler(gen)
+
+            async def us(request: bytes, context: Any) -> None:
+                await self._forward(path, US, context, request)
+
+            return grpc.unary_stream_rpc_method_handler(us)
         if kind == SU:
-            return grpc.stream_unary_rpc_method_handler(self._su(path))
-        return grpc.stream_stream_rpc_method_handler(self._ss(path))
+            async def su(requests: AsyncIterator[bytes], context: Any) -> Any:
+                return await self._forward(path, SU, context, None, requests)
 
-    def _open(
-        self, path: str, context: Any, request: bytes | None, kind: str
-    ) -> tuple[Cluster, Upstream, Any, tuple[tuple[str, Any], ...], float | None]:
+            return grpc.stream_unary_rpc_method_handler(su)
+
+        async def ss(requests: AsyncIterator[bytes], context: Any) -> None:
+            await self._forward(path, SS, context, None, requests)
+
+        return grpc.stream_stream_rpc_method_handler(ss)
+
+    # -- the core -----------------------------------------------------------------------
+
+    async def _forward(self, path: str, kind: str, context: Any, request: bytes | None,
+                       requests: AsyncIterator[bytes] | None = None) -> Any:
         md = context.invocation_metadata()
-        decision = self.decide(path, md, request)
-        cluster, up = self.pick(decision)
-        timeout = context.time_remaining()
-        for cap in (decision.timeout, cluster.timeout):
-            if cap is not None and (timeout is None or cap < timeout):
-                timeout = cap
-        return cluster, up, up.multicallable(path, kind), forwardable(md), timeout
-
-    def _uu(self, path: str) -> Callable[[bytes, Any], Any]:
-        async def handle(request: bytes, context: Any) -> bytes:
-            try:
-                cluster, up, mc, md, timeout = self._open(path, context, request, UU)
-            except MeshError as err:
-                await context.abort(err.code, err.message)
-            started = time.perf_counter()
-            call = mc(request, metadata=md, timeout=timeout)
-            code = None
-            trailers = None
-            try:
-                response: bytes = await call
-                initial = await call.initial_metadata()
-                if initial:  # an empty send would cost a batch of its own
-                    await context.send_initial_metadata(initial)
-                trailers = await call.trailing_metadata()
-                context.set_trailing_metadata(trailers)
-                return response
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                trailers = exc.trailing_metadata()
-                await _relay_error(context, exc)
-                raise  # not reached: abort raises
-            except BaseException:
-                code = grpc.StatusCode.CANCELLED
-                call.cancel()
-                raise
-            finally:
-                cluster.finished(up, time.perf_counter() - started, code, trailers)
-
-        return handle
-
-    def _us(self, path: str) -> Callable[[bytes, Any], Any]:
-        merge = MERGE_STREAMS and path == GENERATE_STREAM
-
-        async def handle(request: bytes, context: Any) -> None:
-            try:
-                cluster, up, mc, md, timeout = self._open(path, context, request, US)
-            except MeshError as err:
-                await context.abort(err.code, err.message)
-            started = time.perf_counter()
-            call = mc(request, metadata=md, timeout=timeout)
-            code = None
-            trailers = None
-            try:
-                initial = await call.initial_metadata()
-                if initial:
-                    await context.send_initial_metadata(initial)
-                if merge:
-                    await pump_merging(call, context)
-                else:
-                    read, write, eof = call.read, context.write, EOF
-                    while True:
-                        msg = await read()
-                        if msg is eof:
-                            break
-                        await write(msg)
-                trailers = await call.trailing_metadata()
-                context.set_trailing_metadata(trailers)
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                trailers = exc.trailing_metadata()
-                await _relay_error(context, exc)
-            except BaseException:
-                code = grpc.StatusCode.CANCELLED
-                call.cancel()
-                raise
-            finally:
-                cluster.finished(up, time.perf_counter() - started, code, trailers)
-
-        return handle
-
-    def _su(self, path: str) -> Callable[[AsyncIterator[bytes], Any], Any]:
-        async def handle(requests: AsyncIterator[bytes], context: Any) -> bytes:
-            try:
-                cluster, up, mc, md, timeout = self._open(path, context, None, SU)
-            except MeshError as err:
-                await context.abort(err.code, err.message)
-            started = time.perf_counter()
-            call = mc(requests, metadata=md, timeout=timeout)
-            code = None
-            try:
-                response: bytes = await call
-                initial = await call.initial_metadata()
-                if initial:
-                    await context.send_initial_metadata(initial)
-                context.set_trailing_metadata(await call.trailing_metadata())
-                return response
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                await _relay_error(context, exc)
-                raise
-            except BaseException:
-                code = grpc.StatusCode.CANCELLED
-                call.cancel()
-                raise
-            finally:
-                cluster.finished(up, time.perf_counter() - started, code)
-
-        return handle
-
-    def _ss(self, path: str) -> Callable[[AsyncIterator[bytes], Any], Any]:
-        async def handle(requests: AsyncIterator[bytes], context: Any) -> None:
-            try:
-                cluster, up, mc, md, timeout = self._open(path, context, None, SS)
-            except MeshError as err:
-                await context.abort(err.code, err.message)
-            started = time.perf_counter()
-            call = mc(requests, metadata=md, timeout=timeout)
-            code = None
-            try:
-                initial = await call.initial_metadata()
-                if initial:
-                    await context.send_initial_metadata(initial)
-                read, write, eof = call.read, context.write, EOF
-                while True:
-                    msg = await read()
-                    if msg is eof:
-                        break
-                    await write(msg)
-                context.set_trailing_metadata(await call.trailing_metadata())
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                await _relay_error(context, exc)
-            except BaseException:
-                code = grpc.StatusCode.CANCELLED
-                call.cancel()
-                raise
-            finally:
-                cluster.finished(up, time.perf_counter() - started, code)
-
-        return handle
-
-
-async def pump_merging(call: Any, context: Any) -> None:
-    """Copies an Inference token stream downstream, merging the chunks that queued up while
-    the caller was still reading the previous write.
-
-    A caller that keeps up gets every chunk as it arrives; one that falls behind gets the
-    backlog as one chunk (texts joined, index of the first, token counts summed, finish and
-    usage of the last), so a slow reader costs fewer writes instead of an ever longer queue.
-    Every token and its order are kept.
-    """
-    backlog: list[bytes] = []
-    wake = asyncio.Event()
-    room = asyncio.Event()  # cleared while the backlog is full: flow control still holds
-    room.set()
-    finished = False
-
-    async def reader() -> None:
-        nonlocal finished
-        read, eof = call.read, EOF
         try:
-            while True:
-                msg = await read()
-                if msg is eof:
-                    return
-                backlog.append(msg)
-                wake.set()
-                if len(backlog) >= MAX_BACKLOG:
-                    room.clear()
-                    await room.wait()
+            decision = self.decide(path, md, request)
+            cluster, up = self.pick(decision)
+        except MeshError as err:
+            await context.abort(err.code, err.message)
+        mc = up.multicallable(path, kind)
+        call = mc(request if requests is None else requests, metadata=forwardable(md),
+                  timeout=self._timeout(context, decision, cluster))
+        self.calls.add(call)
+        started = time.perf_counter()
+        code = None
+        trailers = None
+        response = None
+        try:
+            if kind == UU or kind == SU:
+                response = await call
+            initial = await call.initial_metadata()
+            if initial:  # an empty send would cost a batch of its own
+                await context.send_initial_metadata(initial)
+            if kind == US or kind == SS:
+                read, write = call.read, context.write
+                while (msg := await read()) is not EOF:
+                    await write(msg)
+            trailers = await call.trailing_metadata()
+            context.set_trailing_metadata(trailers)
+            return response
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            trailers = exc.trailing_metadata()
+            await self._relay_error(context, exc)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            call.cancel()
+            if self.aborting:
+                await _abort_draining(context)
+            raise
         finally:
-            finished = True
-            wake.set()
+            self.calls.discard(call)
+            cluster.finished(up, time.perf_counter() - started, code, trailers)
 
-    task = asyncio.get_running_loop().create_task(reader())
-    write = context.write
-    try:
+    async def _relay_error(self, context: Any, exc: grpc.aio.AioRpcError) -> None:
+        if self.aborting and exc.code() == grpc.StatusCode.CANCELLED:
+            await _abort_draining(context)
+        await relay_error(context, exc)
+
+    async def _generate_stream(self, path: str, context: Any, request: bytes) -> None:
+        """GenerateStream: chunks merged for slow callers; a stream that breaks after
+        delivering tokens is resumed on another endpoint with `continuation`."""
+        md = context.invocation_metadata()
+        try:
+            decision = self.decide(path, md, request)
+        except MeshError as err:
+            await context.abort(err.code, err.message)
+        fwd_md = forwardable(md)
+        delivered = Delivered()
+        tried: list[str] = []
+        body = request
+        write = context.write
         while True:
-            await wake.wait()
-            wake.clear()
-            if backlog:
-                batch = backlog[:]
-                backlog.clear()
-                room.set()
-                await write(batch[0] if len(batch) == 1 else merge_chunks(batch))
-            elif finished:
-                break
-    finally:
-        if not task.done():
-            task.cancel()
-    await task  # re-raises the upstream's error, if any
+            try:
+                cluster, up = self.pick(decision, tuple(tried))
+            except MeshError as err:
+                if delivered.tokens:
+                    err = MeshError(err.code, f"{err.message}; {delivered.tokens} tokens were "
+                                    "delivered before the stream broke")
+                await context.abort(err.code, err.message)
+            call = up.multicallable(path, US)(
+                body, metadata=fwd_md, timeout=self._timeout(context, decision, cluster))
+            self.calls.add(call)
+            started = time.perf_counter()
+            code = None
+            trailers = None
+            try:
+                initial = await call.initial_metadata()
+                if initial and not delivered.headers_sent:
+                    await context.send_initial_metadata(initial)
+                    delivered.headers_sent = True
+                await pump(call, write, delivered, merge=MERGE_STREAMS)
+                trailers = await call.trailing_metadata()
+                context.set_trailing_metadata(trailers)
+                return
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                trailers = exc.trailing_metadata()
+                if not self._should_resume(decision, delivered, exc, len(tried)):
+                    await self._stream_error(context, exc, delivered, decision, up)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                call.cancel()
+                if self.aborting:
+                    await _abort_draining(context)
+                raise
+            finally:
+                self.calls.discard(call)
+                cluster.finished(up, time.perf_counter() - started, code, trailers)
+            tried.append(up.address)
+            self.resumed += 1
+            body = resumed_request(request, delivered)
+
+    def _should_resume(self, decision: RouteDecision, delivered: Delivered,
+                       exc: grpc.aio.AioRpcError, resumes: int) -> bool:
+        return (
+            decision.resume
+            and not self.aborting
+            and delivered.tokens > 0
+            and not delivered.finished
+            and exc.code() in RESUMABLE
+            and resumes < MAX_RESUMES
+        )
+
+    async def _stream_error(self, context: Any, exc: grpc.aio.AioRpcError, delivered: Delivered,
+                            decision: RouteDecision, up: Upstream) -> None:
+        if delivered.tokens and exc.code() in RESUMABLE:
+            why = "resume is off for route " + decision.policy if not decision.resume else (
+                "it could not be resumed")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the stream from {up.address} broke after {delivered.tokens} tokens were "
+                f"delivered ({exc.code().name}: {exc.details()}); {why}",
+            )
+        await self._relay_error(context, exc)
 
 
-def merge_chunks(raw: list[bytes]) -> bytes:
-    chunks = [GenerateChunk.FromString(b) for b in raw]
-    first, last = chunks[0], chunks[-1]
-    merged = GenerateChunk(
-        text="".join(c.text for c in chunks),
-        index=first.index,
-        token_count=sum(c.token_count for c in chunks),
-        model=first.model or last.model,
-        finish_reason=last.finish_reason,
-    )
-    if last.HasField("usage"):
-        merged.usage.CopyFrom(last.usage)
-    return bytes(merged.SerializeToString())
-
-
-async def _relay_error(context: Any, exc: grpc.aio.AioRpcError) -> None:
+async def relay_error(context: Any, exc: grpc.aio.AioRpcError) -> None:
     """Ends the downstream call with the upstream's status, message, headers and trailers."""
     initial = exc.initial_metadata()
     if initial:
         await context.send_initial_metadata(initial)
     await context.abort(
         exc.code(), exc.details() or "", trailing_metadata=tuple(exc.trailing_metadata() or ())
+    )
+
+
+async def _abort_draining(context: Any) -> None:
+    await context.abort(
+        grpc.StatusCode.UNAVAILABLE,
+        "the proxy shut down before this call finished (grace period over); retry",
     )
 
 
@@ -369,3 +315,6 @@ class GenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         path = handler_call_details.method
         return self.forwarder.handler(path, self.kinds.get(path, SS))
+
+
+__all__ = ["Forwarder", "GenericHandler", "relay_error"]

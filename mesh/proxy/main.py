@@ -101,6 +101,7 @@ async def run(config_path: str, settings: ProxySettings, admin: str | None, grac
     print(f"aimesh proxy: draining (grace {grace:g}s)", file=sys.stderr, flush=True)
     if admin_server is not None:
         await admin_server.stop()
-    await proxy.stop(grace)
-    print("aimesh proxy: stopped", file=sys.stderr, flush=True)
+    cut = await proxy.stop(grace)
+    note = f" ({cut} calls cut short after the grace period)" if cut else ""
+    print(f"aimesh proxy: stopped{note}", file=sys.stderr, flush=True)
     return 0

@@ -242,10 +242,27 @@ class Proxy:
         for h in self.healths:
             await h.set_serving(True)
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = 5.0) -> int:
+        """Drains: NOT_SERVING, new calls refused with UNAVAILABLE, in-flight calls get
+        `grace` seconds, then the rest end with UNAVAILABLE (callers retry elsewhere).
+        Returns how many calls were cut short."""
         for h in self.healths:
             await h.shutdown()
-        await asyncio.gather(*(s.stop(grace) for s in self.servers))
+        forwarders = [f for f in (self.forwarder, self.inbound) if f is not None]
+        for f in forwarders:
+            f.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # In-flight calls end by themselves; check each 50 ms (there is no event to wait
+        # on across the forwarders' call sets).
+        while any(f.calls for f in forwarders) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        cut = sum(len(f.calls) for f in forwarders)
+        for f in forwarders:
+            f.aborting = True
+            for call in list(f.calls):
+                call.cancel()
+        await asyncio.gather(*(s.stop(1.0) for s in self.servers))
         await self.health_checker.close()
         for t in list(self._tasks):
             t.cancel()
@@ -257,6 +274,7 @@ class Proxy:
         await asyncio.gather(
             *(ch.close(None) for ch in channels + self._closing), return_exceptions=True
         )
+        return cut
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -265,6 +283,7 @@ class Proxy:
             "config": self.config.metadata.name if self.config else None,
             "clusters": [c.snapshot() for c in self.clusters.values()],
             "services_learned": sorted(self.catalog.services),
+            "streams_resumed": self.forwarder.resumed if self.forwarder else 0,
         }
         if self.inbound is not None:
             out["inbound"] = [c.snapshot() for c in self.inbound.clusters.values()]
