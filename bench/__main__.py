@@ -123,8 +123,9 @@ def _section(name: str, duration: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
-    parser.add_argument("--only", choices=SECTIONS, action="append",
-                        help="run only these sections (repeatable)")
+    parser.add_argument(
+        "--only", choices=SECTIONS, action="append", help="run only these sections (repeatable)"
+    )
     args = parser.parse_args()
     for name in args.only or SECTIONS:
         print(f"== {name}", flush=True)

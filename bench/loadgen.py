@@ -12,6 +12,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -146,6 +147,14 @@ class Call:
     waited: float = 0.0  # UNFINISHED: send -> cut off (a lower bound of ttft/total)
 
 
+def _instance(metadata: Any) -> str:
+    """The `aimesh-instance` trailer (the sim backend's name for itself), or ""."""
+    for key, value in metadata or ():
+        if key == "aimesh-instance":
+            return str(value)
+    return ""
+
+
 async def open_loop_streams(
     target: str,
     arrivals: list[float],
@@ -185,14 +194,10 @@ async def open_loop_streams(
                         c.ttft = time.perf_counter() - t0
                     c.tokens += chunk.token_count
                 c.total = time.perf_counter() - t0
-                for key, value in await call.trailing_metadata() or ():
-                    if key == "aimesh-instance":
-                        c.instance = str(value)
+                c.instance = _instance(await call.trailing_metadata())
             except grpc.aio.AioRpcError as exc:
                 c.error = exc.code().name
-                for key, value in exc.trailing_metadata() or ():
-                    if key == "aimesh-instance":
-                        c.instance = str(value)
+                c.instance = _instance(exc.trailing_metadata())
             except asyncio.CancelledError:
                 c.error = "UNFINISHED"
                 c.waited = time.perf_counter() - t0

@@ -12,8 +12,9 @@ HALF_OPEN  One probe call at a time. Success closes the breaker; failure reopens
            with the next, longer, period. The trip count goes back to 0 once the
            breaker has stayed closed for `reset_after` seconds.
 
-Outcomes that arrive while OPEN, or in HALF_OPEN with no probe out, belong to calls
-allowed before the trip; they are ignored rather than allowed to decide the state.
+Outcomes that arrive while OPEN belong to calls sent before the trip; they are ignored,
+so the outage that tripped the breaker does not also lengthen its open period. After the
+open period any outcome decides, the probe's or a late call's alike.
 Pure: time and randomness come in as `clock` and `rng`; nothing here awaits.
 """
 
@@ -159,7 +160,8 @@ class CircuitBreaker:
         return True
 
     def record(self, ok: bool) -> None:
-        """The outcome of a call that `allow()` let through."""
+        """The outcome of a call. A call the caller cancelled says nothing of the
+        target's health: leave it out, or it would count as a success or an error."""
         now = self._clock()
         if self._state is State.CLOSED:
             self._counts.add(now, _CALLS)
@@ -171,13 +173,17 @@ class CircuitBreaker:
             # A success can trip it too: the call that reaches min_requests may be one.
             if self._streak >= self.consecutive_errors or self._rate_tripped(now):
                 self._trip(now)
-        elif self._state is State.HALF_OPEN and self._probe_at is not None:
+        elif self._state is State.HALF_OPEN or self._open_ended(now):
+            # Any outcome after the open period decides, the probe's or not: it is news
+            # of the target as it is now, and a caller that gates calls some other way
+            # (an endpoint ejected until `open_until`) never calls allow() at all.
             self._probe_at = None
             if ok:
                 self._close(now)
             else:
                 self._trip(now)
-        # OPEN, or HALF_OPEN without a probe out: a call from before the trip; ignored.
+        # OPEN: the call was sent before the trip and fails with the same outage; it
+        # must not extend the open period.
 
     # -- transitions ------------------------------------------------------------------
 

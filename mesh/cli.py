@@ -358,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, time for in-flight calls to finish (default 10s)",
     )
     proxy.add_argument("--seed", type=int, default=None, help="seed for splits and pickers")
+    proxy.add_argument(
+        "--min-deadline",
+        type=_duration,
+        default=0.001,
+        help="calls with less time left fail at once with DEADLINE_EXCEEDED (default 1ms)",
+    )
 
     config = sub.add_parser("config", help="work with ServiceMesh config files")
     config_sub = config.add_subparsers(dest="config_cmd", metavar="ACTION", required=True)

@@ -41,13 +41,22 @@ def _healthy(address: str) -> bool:
 
 def _mesh_yaml(fleet: list[tuple[str, str, procs.Proc]]) -> str:
     """The local mesh: one service per model, its instances as static endpoints."""
-    lines = ["apiVersion: mesh.ai/v1", "kind: ServiceMesh", "metadata:", "  name: demo-mesh",
-             "spec:", "  services:"]
+    lines = [
+        "apiVersion: mesh.ai/v1",
+        "kind: ServiceMesh",
+        "metadata:",
+        "  name: demo-mesh",
+        "spec:",
+        "  services:",
+    ]
     for service, model, _ in FLEET:
         lines += [f"    - name: {service}", f"      models: [{model}]", "      endpoints:"]
         lines += [f"        - address: {p.address}" for s, _, p in fleet if s == service]
-        lines += ["      loadBalancer:", "        algorithm: load_aware",
-                  "        healthCheck: {interval: 2s}"]
+        lines += [
+            "      loadBalancer:",
+            "        algorithm: load_aware",
+            "        healthCheck: {interval: 2s}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -84,8 +93,12 @@ def run_demo(host: str = "127.0.0.1", once: bool = False) -> int:
 
         config = Path(workdir) / "mesh.yaml"
         config.write_text(_mesh_yaml(fleet))
-        gateway = procs.start("gateway", procs.aimesh_command(
-            "proxy", "--listen", f"{host}:0", "--config", str(config), "--admin", f"{host}:0"))
+        gateway = procs.start(
+            "gateway",
+            procs.aimesh_command(
+                "proxy", "--listen", f"{host}:0", "--config", str(config), "--admin", f"{host}:0"
+            ),
+        )
         fleet.append(("gateway", "", gateway))
         admin = procs.wait_for_output(gateway, "admin on").split("admin on ", 1)[1].split(";")[0]
         print(f"\ngateway proxy on {gateway.address} (admin {admin}), config {config}")

@@ -18,7 +18,15 @@ DETAILS_BIN = b"\x08\x05\x12\x0bnot here at"  # google.rpc.Status bytes (code 5,
 
 
 def _echo_headers(context: Any) -> tuple[tuple[str, Any], ...]:
-    return tuple((f"echo-{k}", v) for k, v in context.invocation_metadata() if k.startswith("x-"))
+    return tuple(
+        (f"echo-{k}", v)
+        for k, v in context.invocation_metadata()
+        if k.startswith("x-") or k == "grpc-previous-rpc-attempts"
+    )
+
+
+UNAVAILABLE = b"unavailable"  # a request with this body fails with UNAVAILABLE
+STOP_RETRYING = b"stop"  # fails with UNAVAILABLE and pushback "-1" (do not retry)
 
 
 def _trailers(context: Any, instance: str) -> tuple[tuple[str, str], ...]:
@@ -38,11 +46,22 @@ async def _fail(context: Any) -> None:
     )
 
 
-def handlers(instance: str) -> grpc.GenericRpcHandler:
+def handlers(instance: str, calls: list[bytes] | None = None) -> grpc.GenericRpcHandler:
+    calls = calls if calls is not None else []
+
     async def unary(request: bytes, context: Any) -> bytes:
         await context.send_initial_metadata(_echo_headers(context))
+        calls.append(request)
         if request == FAIL:
             await _fail(context)
+        if request == UNAVAILABLE:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{instance} is unavailable")
+        if request == STOP_RETRYING:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "overloaded, do not retry",
+                trailing_metadata=(("grpc-retry-pushback-ms", "-1"),),
+            )
         context.set_trailing_metadata(_trailers(context, instance))
         return b"u:" + request
 
@@ -81,9 +100,12 @@ def handlers(instance: str) -> grpc.GenericRpcHandler:
     )
 
 
-async def start(instance: str = "echo") -> tuple[grpc.aio.Server, int]:
+async def start(
+    instance: str = "echo", calls: list[bytes] | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Starts an echo server; `calls` (if given) collects every unary request it receives."""
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handlers(instance),))
+    server.add_generic_rpc_handlers((handlers(instance, calls),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port

@@ -24,21 +24,42 @@ LENGTH = 60
 
 
 def _yaml(services: dict[str, list[str]], policies: str = "") -> str:
-    lines = ["apiVersion: mesh.ai/v1", "kind: ServiceMesh", "metadata: {name: chaos}", "spec:",
-             "  services:"]
+    lines = [
+        "apiVersion: mesh.ai/v1",
+        "kind: ServiceMesh",
+        "metadata: {name: chaos}",
+        "spec:",
+        "  services:",
+    ]
     for name, addrs in services.items():
         lines += [f"    - name: {name}", "      endpoints:"]
         lines += [f"        - address: {a}" for a in addrs]
-        lines += ["      loadBalancer:", "        algorithm: round_robin",
-                  "        healthCheck: {interval: 1s, timeout: 300ms}",
-                  "        outlierDetection: {consecutiveErrors: 2, maxEjectionPercent: 100%}"]
+        lines += [
+            "      loadBalancer:",
+            "        algorithm: round_robin",
+            "        healthCheck: {interval: 1s, timeout: 300ms}",
+            "        outlierDetection: {consecutiveErrors: 2, maxEjectionPercent: 100%}",
+        ]
     return "\n".join(lines) + "\n" + policies
 
 
 @pytest.fixture
 def sims() -> Iterator[list[procs.Proc]]:
-    started = [procs.start_sim(f"sim-{i}", ["gpt-4"], "--ttft", "0", "--tps", "40", "--slots", "32",
-                               "--length", f"{LENGTH}-{LENGTH}") for i in range(3)]
+    started = [
+        procs.start_sim(
+            f"sim-{i}",
+            ["gpt-4"],
+            "--ttft",
+            "0",
+            "--tps",
+            "40",
+            "--slots",
+            "32",
+            "--length",
+            f"{LENGTH}-{LENGTH}",
+        )
+        for i in range(3)
+    ]
     try:
         yield started
     finally:
@@ -49,9 +70,19 @@ def sims() -> Iterator[list[procs.Proc]]:
 def _proxy(tmp_path: Path, text: str, *flags: str) -> procs.Proc:
     cfg = tmp_path / "mesh.yaml"
     cfg.write_text(text)
-    return procs.start("proxy", procs.aimesh_command(
-        "proxy", "--listen", "127.0.0.1:0", "--config", str(cfg), "--admin", "127.0.0.1:0",
-        *flags))
+    return procs.start(
+        "proxy",
+        procs.aimesh_command(
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            str(cfg),
+            "--admin",
+            "127.0.0.1:0",
+            *flags,
+        ),
+    )
 
 
 def _admin(proxy: procs.Proc, path: str) -> object:
@@ -68,12 +99,18 @@ def _expected(i: int) -> str:
     return Completion.for_prompt("gpt-4", [("user", f"q{i}")], None, (16, 64)).text(LENGTH)
 
 
-async def test_streams_survive_their_backend_being_killed(sims: list[procs.Proc],
-                                                          tmp_path: Path) -> None:
+async def test_streams_survive_their_backend_being_killed(
+    sims: list[procs.Proc], tmp_path: Path
+) -> None:
     primary, *others = sims
-    proxy = _proxy(tmp_path, _yaml({"llm": [primary.address], "llm-backup": [o.address for o in others]},
-                   "  trafficPolicies:\n    - name: all\n      routes: [{destination: llm}]\n"
-                   "      backups: [llm-backup]\n"))
+    proxy = _proxy(
+        tmp_path,
+        _yaml(
+            {"llm": [primary.address], "llm-backup": [o.address for o in others]},
+            "  trafficPolicies:\n    - name: all\n      routes: [{destination: llm}]\n"
+            "      backups: [llm-backup]\n",
+        ),
+    )
     try:
         async with grpc.aio.insecure_channel(proxy.address) as ch:
             stub = pb_grpc.InferenceStub(ch)
@@ -109,9 +146,14 @@ async def test_streams_survive_their_backend_being_killed(sims: list[procs.Proc]
 
 async def test_resume_off_reports_tokens_delivered(sims: list[procs.Proc], tmp_path: Path) -> None:
     primary, *others = sims
-    proxy = _proxy(tmp_path, _yaml({"llm": [primary.address], "llm-backup": [o.address for o in others]},
-                   "  trafficPolicies:\n    - name: no-resume\n      routes: [{destination: llm}]\n"
-                   "      backups: [llm-backup]\n      resume: false\n"))
+    proxy = _proxy(
+        tmp_path,
+        _yaml(
+            {"llm": [primary.address], "llm-backup": [o.address for o in others]},
+            "  trafficPolicies:\n    - name: no-resume\n      routes: [{destination: llm}]\n"
+            "      backups: [llm-backup]\n      resume: false\n",
+        ),
+    )
     try:
         async with grpc.aio.insecure_channel(proxy.address) as ch:
             call = pb_grpc.InferenceStub(ch).GenerateStream(_req(1), timeout=30)
@@ -128,11 +170,18 @@ async def test_resume_off_reports_tokens_delivered(sims: list[procs.Proc], tmp_p
         proxy.terminate()
 
 
-async def test_proxy_drain_finishes_streams_and_refuses_new_calls(sims: list[procs.Proc],
-                                                                  tmp_path: Path) -> None:
-    proxy = _proxy(tmp_path, _yaml({"llm": [s.address for s in sims]},
-                                   "  trafficPolicies:\n    - name: all\n"
-                                   "      routes: [{destination: llm}]\n"), "--grace", "10s")
+async def test_proxy_drain_finishes_streams_and_refuses_new_calls(
+    sims: list[procs.Proc], tmp_path: Path
+) -> None:
+    proxy = _proxy(
+        tmp_path,
+        _yaml(
+            {"llm": [s.address for s in sims]},
+            "  trafficPolicies:\n    - name: all\n      routes: [{destination: llm}]\n",
+        ),
+        "--grace",
+        "10s",
+    )
     try:
         async with grpc.aio.insecure_channel(proxy.address) as ch:
             stub = pb_grpc.InferenceStub(ch)

@@ -15,7 +15,12 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from aimesh.interceptors.breaker import CircuitBreaker, State
+from aimesh.interceptors.budget import RetryBudget
+from aimesh.interceptors.limits import ConcurrencyLimits
+
 from ..balance import Endpoint, Picker, make_picker
+from ..config import CircuitBreakerSpec
 from ..errors import MeshError
 from ..orca import LoadReport
 
@@ -53,6 +58,7 @@ class Upstream:
     __slots__ = (
         "_mc",
         "active_healthy",
+        "breaker",
         "channel",
         "consecutive_failures",
         "ejected_until",
@@ -67,6 +73,7 @@ class Upstream:
         self.consecutive_failures = 0  # passive: call failures in a row
         self.ejected_until = 0.0
         self.ejections = 0
+        self.breaker: CircuitBreaker | None = None  # per endpoint, when the service has one
         self._mc: dict[tuple[str, str], Any] = {}
 
     @property
@@ -122,6 +129,12 @@ class Cluster:
         self.picker: Picker = make_picker(algorithm, clock=clock, rng=rng or random.Random())
         self.wants_load = algorithm == "load_aware"
         self.timeout: float | None = None  # the service's per-call cap, if its spec sets one
+        self.rng = rng or random.Random()
+        self.budget = RetryBudget(clock=clock)
+        self.limits = ConcurrencyLimits(service=name)
+        self.breaker_spec: CircuitBreakerSpec | None = None
+        self.breaker: CircuitBreaker | None = None  # the service as a whole
+        self.retries = 0
         self.outlier = outlier or OutlierPolicy()
         self.clock = clock
         self._channel_factory = channel_factory
@@ -136,6 +149,36 @@ class Cluster:
     def __repr__(self) -> str:
         eligible = f"{len(self._eligible)}/{len(self.upstreams)}"
         return f"<Cluster {self.name} {eligible} eligible {self.algorithm}>"
+
+    def configure_breakers(self, spec: CircuitBreakerSpec | None) -> None:
+        """Circuit breaking for the service and each endpoint, and concurrency limits
+        (Envoy's thresholds: max requests, pending, retries), from the service's spec."""
+        spec = spec or CircuitBreakerSpec()
+        self.limits = ConcurrencyLimits.from_spec(self.name, spec)
+        if not spec.enabled:
+            self.breaker_spec = None
+            self.breaker = None
+            for up in self.upstreams.values():
+                up.breaker = None
+            return
+        if spec != self.breaker_spec or self.breaker is None:
+            self.breaker = CircuitBreaker.from_spec(self.name, spec, self.clock, self.rng)
+            for up in self.upstreams.values():
+                up.breaker = CircuitBreaker.from_spec(
+                    f"{self.name}/{up.address}", spec, self.clock, self.rng
+                )
+        self.breaker_spec = spec
+
+    def usable(self) -> bool:
+        """Has an endpoint to send to, and the service's breaker is not holding calls back."""
+        if not self.has_eligible():
+            return False
+        b = self.breaker
+        return (
+            b is None
+            or b.state is not State.OPEN
+            or (b.open_until is not None and self.clock() >= b.open_until)
+        )
 
     # -- membership ---------------------------------------------------------------------
 
@@ -156,6 +199,10 @@ class Cluster:
                 up = Upstream(
                     Endpoint(address, spec.weight, spec.zone), self._channel_factory(address)
                 )
+                if self.breaker_spec is not None:
+                    up.breaker = CircuitBreaker.from_spec(
+                        f"{self.name}/{address}", self.breaker_spec, self.clock, self.rng
+                    )
                 self.upstreams[address] = up
                 for cb in self.on_added:
                     cb(self, up)
@@ -229,6 +276,15 @@ class Cluster:
                     load = LoadReport.decode(value)
                     break
         self.picker.finished(up.endpoint, latency=latency, ok=not failed, load=load)
+        if code is not grpc.StatusCode.CANCELLED:  # the caller's choice says nothing of health
+            if self.breaker is not None:
+                self.breaker.record(not failed)
+            if up.breaker is not None:
+                up.breaker.record(not failed)
+                if up.breaker.state is State.OPEN and up.breaker.open_until is not None:
+                    if up.ejected_until < up.breaker.open_until:
+                        up.ejected_until = up.breaker.open_until
+                        self.rebuild()
         if not failed:
             up.consecutive_failures = 0
             return
@@ -251,6 +307,13 @@ class Cluster:
             "name": self.name,
             "algorithm": self.algorithm,
             "eligible": len(self._eligible),
+            "breaker": repr(self.breaker) if self.breaker else None,
+            "retries": self.retries,
+            "retry_budget": {
+                "allowed": self.budget.retries_allowed,
+                "denied": self.budget.retries_denied,
+            },
+            "limits": repr(self.limits),
             "endpoints": [
                 {
                     "address": u.address,
@@ -262,6 +325,7 @@ class Cluster:
                     else 0,
                     "inflight": u.endpoint.inflight,
                     "consecutive_failures": u.consecutive_failures,
+                    "breaker": repr(u.breaker) if u.breaker else None,
                 }
                 for u in self.upstreams.values()
             ],

@@ -23,6 +23,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from aimesh.interceptors.retry_policy import Retry, decide
+
 from ..errors import MeshError
 from .cluster import SS, SU, US, UU, Cluster, Upstream
 from .router import INFERENCE_SERVICE, MODEL_METHODS, RouteDecision, Router, split_path
@@ -31,15 +33,24 @@ from .wire import read_string_field
 
 # Headers grpc manages itself on each hop; everything else is forwarded as is.
 _HOP_HEADERS = frozenset(
-    {"user-agent", "te", "content-type", "grpc-timeout", "grpc-encoding",
-     "grpc-accept-encoding", ":authority", "host"}
+    {
+        "user-agent",
+        "te",
+        "content-type",
+        "grpc-timeout",
+        "grpc-encoding",
+        "grpc-accept-encoding",
+        ":authority",
+        "host",
+    }
 )
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # (grpc-stubs predates it)
 GENERATE_STREAM = f"/{INFERENCE_SERVICE}/GenerateStream"
 MERGE_STREAMS = os.environ.get("AIMESH_MERGE_STREAMS", "1") != "0"
 # Statuses after which a broken token stream is resumed on another endpoint.
-RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
-                       grpc.StatusCode.UNKNOWN})
+RESUMABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
 MAX_RESUMES = 3
 
 
@@ -58,9 +69,26 @@ class Forwarder:
         self.rng = rng or random.Random()
         self._handlers: dict[tuple[str, str], Any] = {}
         self.calls: set[Any] = set()  # upstream calls in flight
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.draining = False  # refuse new calls
         self.aborting = False  # end the calls still in flight with UNAVAILABLE
         self.resumed = 0  # token streams resumed on another endpoint
+        # A call with less time left than this is not sent upstream: it could not finish.
+        self.min_deadline = 0.0
+
+    def _track(self, call: Any) -> None:
+        self.calls.add(call)
+        self._idle.clear()
+
+    def _untrack(self, call: Any) -> None:
+        self.calls.discard(call)
+        if not self.calls:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Returns once no upstream call is in flight."""
+        await self._idle.wait()
 
     def update(self, router: Router, clusters: Mapping[str, Cluster]) -> None:
         """Swaps in a new routing table; calls in flight keep the upstream they have."""
@@ -71,17 +99,22 @@ class Forwarder:
 
     def _available(self, service: str) -> bool:
         c = self.clusters.get(service)
-        return c is not None and c.has_eligible()
+        return c is not None and c.usable()
 
     def decide(self, path: str, metadata: Any, request: bytes | None) -> RouteDecision:
         if self.draining:
-            raise MeshError(grpc.StatusCode.UNAVAILABLE,
-                            "this proxy is shutting down; retry on another instance")
+            raise MeshError(
+                grpc.StatusCode.UNAVAILABLE,
+                "this proxy is shutting down; retry on another instance",
+            )
         service, method = split_path(path)
         router = self.router
         model = None
-        if router.uses_model and request is not None and service == INFERENCE_SERVICE and (
-            method in MODEL_METHODS
+        if (
+            router.uses_model
+            and request is not None
+            and service == INFERENCE_SERVICE
+            and (method in MODEL_METHODS)
         ):
             model = read_string_field(request, 1)
         headers = {k: v for k, v in metadata if isinstance(v, str)} if router.uses_headers else {}
@@ -94,13 +127,16 @@ class Forwarder:
             )
         return decision
 
-    def pick(self, decision: RouteDecision, exclude: tuple[str, ...] = ()
-             ) -> tuple[Cluster, Upstream]:
+    def pick(
+        self, decision: RouteDecision, exclude: tuple[str, ...] = ()
+    ) -> tuple[Cluster, Upstream]:
         order = decision.order(self._available, self.rng)
         for name in order:
             cluster = self.clusters[name]
             if exclude and not cluster.has_untried(exclude):
                 continue  # a retry goes to an endpoint not tried yet, in the backups if need be
+            if cluster.breaker is not None and not cluster.breaker.allow():
+                continue  # half-open with its probe out: the backups take this call
             return cluster, cluster.pick(exclude)
         if order:  # every candidate was tried: the first is still better than failing
             cluster = self.clusters[order[0]]
@@ -112,7 +148,16 @@ class Forwarder:
         )
 
     def _timeout(self, context: Any, decision: RouteDecision, cluster: Cluster) -> float | None:
-        timeout: float | None = context.time_remaining()
+        """The upstream call's timeout: the caller's remaining deadline (so each hop sees
+        the true time left), capped by the route's and the service's timeouts."""
+        remaining: float | None = context.time_remaining()
+        if remaining is not None and remaining < self.min_deadline:
+            raise MeshError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"only {remaining * 1000:.1f} ms left of the call's deadline, below the "
+                f"proxy's minimum of {self.min_deadline * 1000:.1f} ms; not sent upstream",
+            )
+        timeout = remaining
         for cap in (decision.timeout, cluster.timeout):
             if cap is not None and (timeout is None or cap < timeout):
                 timeout = cap
@@ -130,12 +175,14 @@ class Forwarder:
 
     def _make(self, path: str, kind: str) -> Any:
         if kind == UU:
+
             async def uu(request: bytes, context: Any) -> Any:
                 return await self._forward(path, UU, context, request)
 
             return grpc.unary_unary_rpc_method_handler(uu)
         if kind == US:
             if path == GENERATE_STREAM:
+
                 async def gen(request: bytes, context: Any) -> None:
                     await self._generate_stream(path, context, request)
 
@@ -146,6 +193,7 @@ class Forwarder:
 
             return grpc.unary_stream_rpc_method_handler(us)
         if kind == SU:
+
             async def su(requests: AsyncIterator[bytes], context: Any) -> Any:
                 return await self._forward(path, SU, context, None, requests)
 
@@ -158,18 +206,29 @@ class Forwarder:
 
     # -- the core -----------------------------------------------------------------------
 
-    async def _forward(self, path: str, kind: str, context: Any, request: bytes | None,
-                       requests: AsyncIterator[bytes] | None = None) -> Any:
+    async def _forward(
+        self,
+        path: str,
+        kind: str,
+        context: Any,
+        request: bytes | None,
+        requests: AsyncIterator[bytes] | None = None,
+    ) -> Any:
         md = context.invocation_metadata()
         try:
             decision = self.decide(path, md, request)
+            if kind == UU and decision.retry is not None:
+                return await self._unary_retrying(path, context, request, md, decision)
             cluster, up = self.pick(decision)
+            timeout = self._timeout(context, decision, cluster)
+            cluster.limits.start()
         except MeshError as err:
             await context.abort(err.code, err.message)
         mc = up.multicallable(path, kind)
-        call = mc(request if requests is None else requests, metadata=forwardable(md),
-                  timeout=self._timeout(context, decision, cluster))
-        self.calls.add(call)
+        call = mc(
+            request if requests is None else requests, metadata=forwardable(md), timeout=timeout
+        )
+        self._track(call)
         started = time.perf_counter()
         code = None
         trailers = None
@@ -198,8 +257,99 @@ class Forwarder:
                 await _abort_draining(context)
             raise
         finally:
-            self.calls.discard(call)
+            self._untrack(call)
+            cluster.limits.finish()
             cluster.finished(up, time.perf_counter() - started, code, trailers)
+
+    async def _unary_retrying(
+        self, path: str, context: Any, request: bytes | None, md: Any, decision: RouteDecision
+    ) -> Any:
+        """A unary call under the route's retry policy (gRFC A6): retryable statuses,
+        backoff with full jitter or the server's pushback, `grpc-previous-rpc-attempts`,
+        per-try timeout, a retry budget per service, and each retry to an endpoint not
+        tried yet."""
+        policy = decision.retry
+        assert policy is not None
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        end = None if remaining is None else loop.time() + remaining
+        fwd_md = forwardable(md)
+        tried: list[str] = []
+        attempt = 1
+        since_pushback = 1  # gRFC A6: the backoff sequence restarts after a pushback retry
+        while True:
+            cluster, up = self.pick(decision, tuple(tried))
+            if attempt == 1:
+                cluster.budget.record_request()
+                cluster.limits.start()
+            else:
+                cluster.limits.start_retry()  # checked free before the budget was charged
+                cluster.retries += 1
+            timeout = self._timeout(context, decision, cluster)
+            if policy.per_try_timeout is not None and (
+                timeout is None or policy.per_try_timeout < timeout
+            ):
+                timeout = policy.per_try_timeout
+            headers = (
+                fwd_md
+                if attempt == 1
+                else (*fwd_md, ("grpc-previous-rpc-attempts", str(attempt - 1)))
+            )
+            call = up.multicallable(path, UU)(request, metadata=headers, timeout=timeout)
+            self._track(call)
+            started = time.perf_counter()
+            code = None
+            trailers = None
+            try:
+                response = await call
+                initial = await call.initial_metadata()
+                if initial:
+                    await context.send_initial_metadata(initial)
+                trailers = await call.trailing_metadata()
+                context.set_trailing_metadata(trailers)
+                return response
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                trailers = exc.trailing_metadata()
+                left = None if end is None else end - loop.time()
+                # A per-try timeout that fired before the call's own deadline is retryable.
+                retry_as = code
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and (left is None or left > 0):
+                    retry_as = grpc.StatusCode.UNAVAILABLE
+                limits = cluster.limits
+                if limits.retries >= limits.max_retries:
+                    limits.rejected["max_retries"] += 1
+                    await self._relay_error(context, exc)  # no room for a retry: fail as is
+                verdict = decide(
+                    policy,
+                    attempt,
+                    retry_as,
+                    _pushback(trailers),
+                    left,
+                    cluster.budget,
+                    self.rng,
+                    backoff_attempt=since_pushback,
+                )
+                if not isinstance(verdict, Retry):
+                    await self._relay_error(context, exc)
+                    raise  # not reached: the relay aborts the call
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                call.cancel()
+                if self.aborting:
+                    await _abort_draining(context)
+                raise
+            finally:
+                self._untrack(call)
+                if attempt == 1:
+                    cluster.limits.finish()
+                else:
+                    cluster.limits.finish_retry()
+                cluster.finished(up, time.perf_counter() - started, code, trailers)
+            tried.append(up.address)
+            attempt += 1
+            since_pushback = 1 if verdict.pushback else since_pushback + 1
+            await asyncio.sleep(verdict.delay)
 
     async def _relay_error(self, context: Any, exc: grpc.aio.AioRpcError) -> None:
         if self.aborting and exc.code() == grpc.StatusCode.CANCELLED:
@@ -222,14 +372,17 @@ class Forwarder:
         while True:
             try:
                 cluster, up = self.pick(decision, tuple(tried))
+                timeout = self._timeout(context, decision, cluster)
             except MeshError as err:
                 if delivered.tokens:
-                    err = MeshError(err.code, f"{err.message}; {delivered.tokens} tokens were "
-                                    "delivered before the stream broke")
+                    err = MeshError(
+                        err.code,
+                        f"{err.message}; {delivered.tokens} tokens were "
+                        "delivered before the stream broke",
+                    )
                 await context.abort(err.code, err.message)
-            call = up.multicallable(path, US)(
-                body, metadata=fwd_md, timeout=self._timeout(context, decision, cluster))
-            self.calls.add(call)
+            call = up.multicallable(path, US)(body, metadata=fwd_md, timeout=timeout)
+            self._track(call)
             started = time.perf_counter()
             code = None
             trailers = None
@@ -254,14 +407,15 @@ class Forwarder:
                     await _abort_draining(context)
                 raise
             finally:
-                self.calls.discard(call)
+                self._untrack(call)
                 cluster.finished(up, time.perf_counter() - started, code, trailers)
             tried.append(up.address)
             self.resumed += 1
             body = resumed_request(request, delivered)
 
-    def _should_resume(self, decision: RouteDecision, delivered: Delivered,
-                       exc: grpc.aio.AioRpcError, resumes: int) -> bool:
+    def _should_resume(
+        self, decision: RouteDecision, delivered: Delivered, exc: grpc.aio.AioRpcError, resumes: int
+    ) -> bool:
         return (
             decision.resume
             and not self.aborting
@@ -271,11 +425,20 @@ class Forwarder:
             and resumes < MAX_RESUMES
         )
 
-    async def _stream_error(self, context: Any, exc: grpc.aio.AioRpcError, delivered: Delivered,
-                            decision: RouteDecision, up: Upstream) -> None:
+    async def _stream_error(
+        self,
+        context: Any,
+        exc: grpc.aio.AioRpcError,
+        delivered: Delivered,
+        decision: RouteDecision,
+        up: Upstream,
+    ) -> None:
         if delivered.tokens and exc.code() in RESUMABLE:
-            why = "resume is off for route " + decision.policy if not decision.resume else (
-                "it could not be resumed")
+            why = (
+                "resume is off for route " + decision.policy
+                if not decision.resume
+                else ("it could not be resumed")
+            )
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 f"the stream from {up.address} broke after {delivered.tokens} tokens were "
@@ -292,6 +455,13 @@ async def relay_error(context: Any, exc: grpc.aio.AioRpcError) -> None:
     await context.abort(
         exc.code(), exc.details() or "", trailing_metadata=tuple(exc.trailing_metadata() or ())
     )
+
+
+def _pushback(trailers: Any) -> str | None:
+    for key, value in trailers or ():
+        if key == "grpc-retry-pushback-ms":
+            return str(value)
+    return None
 
 
 async def _abort_draining(context: Any) -> None:

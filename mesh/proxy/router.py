@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aimesh.interceptors.retry_policy import RetryPolicy
+
 from ..config import MeshConfig
 
 INFERENCE_SERVICE = "aimesh.inference.v1.Inference"
@@ -27,6 +29,7 @@ class RouteDecision:
     backups: tuple[str, ...] = ()
     timeout: float | None = None
     resume: bool = True
+    retry: RetryPolicy | None = None  # None: no retries
 
     def order(self, available: Callable[[str], bool], rng: random.Random) -> list[str]:
         """Services to try, best first: one weighted pick among the split's destinations that
@@ -64,6 +67,9 @@ class Router:
                     backups=tuple(p.backups),
                     timeout=p.timeout,
                     resume=p.resume,
+                    retry=RetryPolicy.from_spec(p.retry)
+                    if p.retry is not None and p.retry.attempts > 1
+                    else None,
                 ),
             )
             for p in config.traffic_policies

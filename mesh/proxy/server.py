@@ -10,6 +10,7 @@ Both modes use the same Forwarder; a sidecar simply runs two of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -55,6 +56,7 @@ class ProxySettings:
     # Endpoints from the command line, added to (or replacing) those in the YAML.
     extra_endpoints: Mapping[str, Sequence[EndpointAddr]] = field(default_factory=dict)
     seed: int | None = None
+    min_deadline: float = 0.001  # calls with less time left fail at once (DEADLINE_EXCEEDED)
 
 
 def _health_policy(spec: ServiceSpec | None) -> HealthPolicy:
@@ -174,6 +176,7 @@ class Proxy:
             else:
                 cluster.outlier = _outlier(spec)
             cluster.timeout = spec.timeout if spec else None
+            cluster.configure_breakers(spec.circuit_breaker if spec else None)
             self._closing += cluster.set_endpoints(self._endpoints_for(name, spec))
             new[name] = cluster
         for name, cluster in self.clusters.items():
@@ -184,6 +187,7 @@ class Proxy:
         router = Router(config)
         if self.forwarder is None:
             self.forwarder = Forwarder(router, new, rng=self.rng)
+            self.forwarder.min_deadline = self.settings.min_deadline
         else:
             self.forwarder.update(router, new)
         for cluster in new.values():
@@ -251,12 +255,8 @@ class Proxy:
         forwarders = [f for f in (self.forwarder, self.inbound) if f is not None]
         for f in forwarders:
             f.draining = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        # In-flight calls end by themselves; check each 50 ms (there is no event to wait
-        # on across the forwarders' call sets).
-        while any(f.calls for f in forwarders) and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(f.wait_idle() for f in forwarders)), grace)
         cut = sum(len(f.calls) for f in forwarders)
         for f in forwarders:
             f.aborting = True

@@ -113,7 +113,9 @@ async def pump(
                 batch = backlog[:]
                 backlog.clear()
                 room.set()
-                chunk = GenerateChunk.FromString(batch[0]) if len(batch) == 1 else merge_chunks(batch)
+                chunk = (
+                    GenerateChunk.FromString(batch[0]) if len(batch) == 1 else merge_chunks(batch)
+                )
                 raw = batch[0] if len(batch) == 1 else None
                 if delivered.next_index is not None and chunk.index != delivered.next_index:
                     # A resumed backend may count differently; the caller's index stays continuous.
