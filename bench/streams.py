@@ -11,6 +11,15 @@ then cancels them all and checks that the backends saw N cancellations and went 
 
 The same is done first with the client connected straight to the backends (no proxy), so
 the report shows what the proxy adds.
+
+The pacing matters: the proxy forwards every chunk on one Python thread, at roughly
+200-300 µs of CPU each, so it tops out near 3,500-4,500 chunks/s. Past that its event loop
+falls behind; grpc.aio then accepts new calls only about once per (ever longer) loop
+iteration, and grpc core cancels calls left unaccepted for 30 s
+(`grpc.server_max_unrequested_time_in_server`), which the client sees as CANCELLED. At
+0.5 tokens/s x 10,000 streams (5,000 chunks/s) that stalls opening near 5,000-7,000
+streams; at 0.2 tokens/s (2,000 chunks/s) all 10,000 open. The number of open streams
+itself is not limited: at 0.02 tokens/s 10,000 open in about 17 s.
 """
 
 from __future__ import annotations
@@ -563,6 +572,9 @@ def report(phases: list[Phase], tps: float) -> str:
         ),
         row("errors", lambda x: ", ".join(f"{k} {v}" for k, v in x.errors.items()) or "0"),
     ]
+    for ph in phases:
+        for code, details in ph.error_sample.items():
+            lines.append(f"\n{ph.label}: {code}: {details}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,3 +201,128 @@ async def test_proxy_drain_finishes_streams_and_refuses_new_calls(
         assert proxy.popen.wait(timeout=15) == 0
     finally:
         proxy.kill()
+
+
+RETRYING = (
+    "  trafficPolicies:\n    - name: all\n      routes: [{destination: llm}]\n"
+    "      backups: [llm-backup]\n"
+    "      retry: {attempts: 3, retryOn: [UNAVAILABLE], backoff: {base: 5ms, max: 50ms}}\n"
+)
+
+
+async def _steady_unary(
+    target: str, seconds: float, during: asyncio.Event | None = None, concurrency: int = 4
+) -> tuple[int, list[str]]:
+    """Closed-loop unary load; returns (calls, failures as 'CODE: details')."""
+    ok = 0
+    failures: list[str] = []
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+
+        async def worker(w: int) -> None:
+            nonlocal ok
+            i = 0
+            while loop.time() < end:
+                try:
+                    await stub.Generate(
+                        pb.GenerateRequest(
+                            model="gpt-4",
+                            max_tokens=2,
+                            messages=[pb.Message(role="user", content=f"w{w}-{i}")],
+                        ),
+                        timeout=10,
+                    )
+                    ok += 1
+                except grpc.aio.AioRpcError as exc:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+                i += 1
+                if during is not None and ok >= 50:
+                    during.set()
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return ok, failures
+
+
+async def test_unary_load_sees_no_failure_when_a_backend_is_killed(tmp_path: Path) -> None:
+    sims = [procs.start_sim(f"u{i}", ["gpt-4"], "--ttft", "0", "--tps", "200") for i in range(3)]
+    proxy = _proxy(tmp_path, _yaml({"llm": [s.address for s in sims], "llm-backup": []}, RETRYING))
+    try:
+        warmed = asyncio.Event()
+        load = asyncio.create_task(_steady_unary(proxy.address, 3.0, during=warmed))
+        await asyncio.wait_for(warmed.wait(), 10)
+        sims[0].kill()  # SIGKILL under load
+        ok, failures = await load
+        assert failures == []
+        assert ok > 100
+    finally:
+        proxy.terminate()
+        for s in sims:
+            s.kill()
+
+
+async def test_primary_down_calls_go_to_the_backup(tmp_path: Path) -> None:
+    primary = [procs.start_sim(f"p{i}", ["gpt-4"], "--ttft", "0", "--tps", "0") for i in range(2)]
+    backup = procs.start_sim("b0", ["gpt-4"], "--ttft", "0", "--tps", "0")
+    proxy = _proxy(
+        tmp_path,
+        _yaml({"llm": [p.address for p in primary], "llm-backup": [backup.address]}, RETRYING),
+    )
+    try:
+        for p in primary:
+            p.kill()
+        ok, failures = await _steady_unary(proxy.address, 1.5)
+        assert failures == [] and ok > 20
+        async with grpc.aio.insecure_channel(proxy.address) as ch:
+            call = pb_grpc.InferenceStub(ch).Generate(_req(0), timeout=5)
+            await call
+            assert dict(await call.trailing_metadata())["aimesh-instance"] == "b0"
+    finally:
+        proxy.terminate()
+        backup.kill()
+
+
+async def test_breaker_opens_on_a_failing_backend_and_closes_after_recovery(
+    tmp_path: Path,
+) -> None:
+    sims = [procs.start_sim(f"c{i}", ["gpt-4"], "--ttft", "0", "--tps", "0") for i in range(2)]
+    flaky = procs.start_sim(
+        "flaky", ["gpt-4"], "--ttft", "0", "--tps", "0", "--error-rate", "0.6", "--seed", "1"
+    )
+    breaker = (
+        "      circuitBreaker: {enabled: true, errorThreshold: 50%, minRequests: 10, "
+        "window: 5s, openDuration: 500ms, maxOpenDuration: 2s, maxRetries: 100}\n"
+    )
+    text = _yaml({"llm": [s.address for s in (*sims, flaky)], "llm-backup": []}, RETRYING)
+    text = text.replace(
+        "        outlierDetection: {consecutiveErrors: 2, maxEjectionPercent: 100%}\n",
+        "        outlierDetection: {consecutiveErrors: 1000}\n" + breaker,
+        1,
+    )
+    proxy = _proxy(tmp_path, text)
+    try:
+        ok, failures = await _steady_unary(proxy.address, 2.0)
+        assert failures == [], failures[:3]
+        snap = _admin(proxy, "/clusters")
+        llm = next(c for c in snap["clusters"] if c["name"] == "llm")  # type: ignore[index]
+        flaky_ep = next(e for e in llm["endpoints"] if e["address"] == flaky.address)
+        assert flaky_ep["breaker"]["trips"] >= 1
+        # Retries stayed within the budget: 20% of calls plus 10 per second over 10 s.
+        assert llm["retries"] == llm["retry_budget"]["allowed"] <= 0.2 * ok + 100
+        heal = procs.aimesh_command("sim", "faults", "--target", flaky.address, "--error-rate", "0")
+        assert subprocess.run(heal, capture_output=True, timeout=30).returncode == 0
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while True:
+            await _steady_unary(proxy.address, 0.5)
+            snap = _admin(proxy, "/clusters")
+            llm = next(c for c in snap["clusters"] if c["name"] == "llm")  # type: ignore[index]
+            state = next(e for e in llm["endpoints"] if e["address"] == flaky.address)
+            if state["breaker"]["state"] == "CLOSED":
+                break
+            assert loop.time() < end, state
+    finally:
+        proxy.terminate()
+        for s in (*sims, flaky):
+            s.kill()

@@ -307,7 +307,7 @@ class Cluster:
             "name": self.name,
             "algorithm": self.algorithm,
             "eligible": len(self._eligible),
-            "breaker": repr(self.breaker) if self.breaker else None,
+            "breaker": _breaker_view(self.breaker),
             "retries": self.retries,
             "retry_budget": {
                 "allowed": self.budget.retries_allowed,
@@ -325,8 +325,14 @@ class Cluster:
                     else 0,
                     "inflight": u.endpoint.inflight,
                     "consecutive_failures": u.consecutive_failures,
-                    "breaker": repr(u.breaker) if u.breaker else None,
+                    "breaker": _breaker_view(u.breaker),
                 }
                 for u in self.upstreams.values()
             ],
         }
+
+
+def _breaker_view(b: CircuitBreaker | None) -> dict[str, Any] | None:
+    if b is None:
+        return None
+    return {"state": b.state.name, "trips": b.trips, "repr": repr(b)}
