@@ -191,21 +191,30 @@ async def wait_idle(sims: Sequence[procs.Proc], timeout: float = 30.0) -> None:
 
 @dataclass
 class Run:
+    """The calls one configuration served, pooled over its segments (rounds)."""
+
     label: str
-    calls: list[loadgen.Call]
-    wall: float = 0.0
+    calls: list[loadgen.Call] = field(default_factory=list)
+    wall: float = 0.0  # seconds measured
     cpu: dict[str, float] = field(default_factory=dict)  # process group -> CPU seconds
-    machine: float = math.nan  # cores busy on the whole machine during the run
+    busy: float = 0.0  # CPU seconds the whole machine was busy while measuring
+    served: dict[str, int] = field(default_factory=dict)  # calls each backend counted
+
+    def add(self, other: Run) -> None:
+        self.calls += other.calls
+        self.wall += other.wall
+        self.busy += other.busy
+        for k, v in other.cpu.items():
+            self.cpu[k] = self.cpu.get(k, 0.0) + v
+        for k, n in other.served.items():
+            self.served[k] = self.served.get(k, 0) + n
 
     @property
     def others(self) -> float:
-        """Cores used by processes outside this benchmark during the run (contention)."""
-        return max(0.0, self.machine - sum(self.cpu.values()) / self.wall)
-
-    served: dict[str, int] = field(default_factory=dict)  # calls each backend counted
-
-    def _done(self) -> list[loadgen.Call]:
-        return [c for c in self.calls if not c.error]
+        """Cores used by processes outside this benchmark while measuring (contention)."""
+        if not self.wall:
+            return math.nan
+        return max(0.0, (self.busy - sum(self.cpu.values())) / self.wall)
 
     def ttft_pct(self, q: float) -> tuple[float, bool]:
         """The q-quantile of TTFT over every call; a call cut off before its first token
@@ -281,21 +290,16 @@ async def measure(
     target: str,
     proxy_pid: int,
     sims: Sequence[procs.Proc],
-    schedule: Schedule,
-    duration: float,
-    seed: int,
-    warmup: float,
+    arrivals: list[float],
+    warmup: list[float],
     drain_timeout: float,
 ) -> Run:
-    if warmup > 0:  # same load, another seed: the balancer gets latencies and reports
+    """One segment: warm the balancer up, let the fleet drain, replay `arrivals`."""
+    if warmup:  # same load, other arrivals: the balancer gets latencies and load reports
         await loadgen.open_loop_streams(
-            target,
-            schedule.arrivals(warmup, seed + 1_000_003),
-            drain_timeout=drain_timeout,
-            prompt="warm up {i}",
+            target, warmup, drain_timeout=drain_timeout, prompt="warm up {i}"
         )
         await wait_idle(sims)
-    arrivals = schedule.arrivals(duration, seed)
     sim_pids = [s.pid for s in sims]
     c0 = (_cpu([proxy_pid]), _cpu(sim_pids), _self_cpu())
     m0 = machine_busy()
@@ -309,26 +313,14 @@ async def measure(
     m1 = machine_busy()
     n1 = await sim_calls(sims)
     await wait_idle(sims)
-    run = Run(
+    return Run(
         label,
         calls,
         wall,
         {"proxy": c1[0] - c0[0], "backends": c1[1] - c0[1], "generator": c1[2] - c0[2]},
+        m1[0] - m0[0],
+        {k: n1[k] - n0[k] for k in n1},
     )
-    run.served = {k: n1[k] - n0[k] for k in n1}
-    run.machine = (m1[0] - m0[0]) / wall  # cores busy machine-wide (ours and anyone else's)
-    print(f"  {row_text(run)}", flush=True)
-    print(
-        "    served "
-        + ", ".join(f"{k} {v}" for k, v in run.served.items())
-        + "; TTFT p50 "
-        + ", ".join(f"{k} {v * 1000:.0f}" for k, v in run.ttft_by_instance(0.5).items())
-        + " ms; p90 "
-        + ", ".join(f"{k} {v * 1000:.0f}" for k, v in run.ttft_by_instance(0.9).items())
-        + " ms",
-        flush=True,
-    )
-    return run
 
 
 CONFIGS: tuple[tuple[str, str, str], ...] = (
@@ -345,66 +337,61 @@ async def run_all(
     seed: int,
     *,
     load: float = 0.7,
-    warmup: float = 2.0,
-    drain_timeout: float | None = None,
+    rounds: int = 2,
+    warmup: float = 1.5,
+    drain_timeout: float = 8.0,
     only: Callable[[str], bool] = lambda _: True,
 ) -> tuple[list[Run], Schedule]:
+    """Every configuration gets `duration` seconds of arrivals, in `rounds` segments.
+
+    Round k replays one schedule (seed `seed`, round k) through every configuration, in
+    list order on even rounds and reversed on odd ones, so a drift in the machine's load
+    (other processes) weighs on every configuration alike rather than on the last ones.
+    Calls still running `drain_timeout` s after a segment's last arrival are cut off.
+    """
     capacity = sum(i.capacity() for i in FLEET)
     schedule = Schedule(rate=load * capacity)
-    if drain_timeout is None:
-        drain_timeout = max(10.0, duration / 2)
-    n = len(schedule.arrivals(duration, seed))
+    segment = duration / rounds
+    plans = [
+        (
+            schedule.arrivals(segment, seed * 1_000 + k),
+            schedule.arrivals(warmup, seed * 1_000 + 500 + k),
+        )
+        for k in range(rounds)
+    ]
+    n = sum(len(a) for a, _ in plans)
     print(
         f"fleet capacity ~{capacity:.1f} calls/s; schedule: {n} calls in {duration:g}s "
-        f"({n / duration:.1f}/s, {load:.0%} of capacity), seed {seed}",
+        f"({n / duration:.1f}/s, {load:.0%} of capacity) per configuration, {rounds} rounds, "
+        f"seed {seed}",
         flush=True,
     )
+    configs = [c for c in CONFIGS if only(c[0])]
+    runs = {label: Run(label) for label, _, _ in configs}
     sims = start_fleet()
-    runs: list[Run] = []
     tmp = tempfile.TemporaryDirectory(prefix="aimesh-bench-balance-")
     try:
         backends = [s.address for s in sims]
-        for label, kind, policy in CONFIGS:
-            if not only(label):
-                continue
-            if kind == "envoy":
-                with Envoy(backends, lb_policy=policy) as envoy:
-                    runs.append(
-                        await measure(
-                            label,
-                            envoy.address,
-                            envoy.pid,
-                            sims,
-                            schedule,
-                            duration,
-                            seed,
-                            warmup,
-                            drain_timeout,
-                        )
-                    )
-            else:
-                proxy = start_aimesh(policy, backends, Path(tmp.name), seed)
-                try:
-                    runs.append(
-                        await measure(
-                            label,
-                            proxy.address,
-                            proxy.pid,
-                            sims,
-                            schedule,
-                            duration,
-                            seed,
-                            warmup,
-                            drain_timeout,
-                        )
-                    )
-                finally:
-                    proxy.terminate()
+        for k, (arrivals, warm) in enumerate(plans):
+            for label, kind, policy in configs if k % 2 == 0 else configs[::-1]:
+                args = (sims, arrivals, warm, drain_timeout)
+                if kind == "envoy":
+                    with Envoy(backends, lb_policy=policy) as envoy:
+                        r = await measure(label, envoy.address, envoy.pid, *args)
+                else:
+                    proxy = start_aimesh(policy, backends, Path(tmp.name), seed)
+                    try:
+                        r = await measure(label, proxy.address, proxy.pid, *args)
+                    finally:
+                        proxy.terminate()
+                print(f"  round {k + 1}: {row_text(r)}", flush=True)
+                print(f"    {instances_text(r)}", flush=True)
+                runs[label].add(r)
     finally:
         for s in sims:
             s.terminate()
         tmp.cleanup()
-    return runs, schedule
+    return list(runs.values()), schedule
 
 
 # -- reporting --------------------------------------------------------------------------
@@ -413,6 +400,18 @@ async def run_all(
 def _ms(v: tuple[float, bool]) -> str:
     value, bound = v
     return ("≥" if bound else "") + f"{value * 1000:,.0f}"
+
+
+def instances_text(r: Run) -> str:
+    return (
+        "served "
+        + ", ".join(f"{k} {v}" for k, v in r.served.items())
+        + "; TTFT p50 "
+        + ", ".join(f"{k} {v * 1000:.0f}" for k, v in r.ttft_by_instance(0.5).items())
+        + " ms; p90 "
+        + ", ".join(f"{k} {v * 1000:.0f}" for k, v in r.ttft_by_instance(0.9).items())
+        + " ms"
+    )
 
 
 def row_text(r: Run) -> str:
@@ -442,24 +441,32 @@ def ratios(runs: Sequence[Run]) -> list[tuple[str, float, float, bool]]:
     return out
 
 
-def report(runs: Sequence[Run], schedule: Schedule, duration: float, seed: int) -> str:
+def report(
+    runs: Sequence[Run], schedule: Schedule, duration: float, seed: int, rounds: int = 2
+) -> str:
     n = len(runs[0].calls) if runs else 0
     fast, slow = FLEET[0], next(i for i in FLEET if i.name == SLOW)
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} "
-        f"cores, {platform.machine()}, Python {platform.python_version()}. Fleet: "
+        f"cores, {platform.machine()}, Python {platform.python_version()}, with "
+        "`python -m bench.balance`. Fleet: "
         f"{len(FLEET) - 1} sim backends with {fast.slots} slots, TTFT {fast.ttft * 1000:g} ms, "
         f"{fast.tps:g} tokens/s and one 4x slower (TTFT {slow.ttft * 1000:g} ms, "
         f"{slow.tps:g} tokens/s), completions of {fast.length[0]}-{fast.length[1]} tokens, "
         f"batch slowdown {fast.batch_slowdown:g} per extra generation; about "
-        f"{sum(i.capacity() for i in FLEET):.0f} calls/s at full batches. Load: one open-loop "
-        f"schedule (seed {seed}) of {n} GenerateStream calls in {duration:g} s, "
-        f"{schedule.rate:.1f} calls/s on average ({1 - schedule.burst_share:.0%} Poisson, "
-        f"{schedule.burst_share:.0%} in Poisson bursts of {schedule.burst[0]}-"
-        f"{schedule.burst[1]} calls within {schedule.spread * 1000:g} ms), replayed through "
-        "each balancer after a 2 s warm-up, fleet drained between runs. Envoy 1.40 "
-        "`--concurrency 1`; one `aimesh proxy` process. TTFT is send to first chunk; "
-        "`≥` marks a bound (calls cut off unfinished at the drain limit).",
+        f"{sum(i.capacity() for i in FLEET):.0f} calls/s at full batches. Load: a seeded "
+        f"(seed {seed}) open-loop schedule of {n} GenerateStream calls in {duration:g} s per "
+        f"balancer, {schedule.rate:.1f} calls/s on average "
+        f"({schedule.rate / sum(i.capacity() for i in FLEET):.0%} of that capacity; "
+        f"{1 - schedule.burst_share:.0%} Poisson, {schedule.burst_share:.0%} in Poisson "
+        f"bursts of {schedule.burst[0]}-{schedule.burst[1]} calls within "
+        f"{schedule.spread * 1000:g} ms, which overflow the fleet's slots for a moment), "
+        f"identical for every balancer. It runs in {rounds} rounds of {duration / rounds:g} s, "
+        "each replaying its part through every balancer (order reversed on alternate rounds), "
+        "each after a short warm-up and with the fleet drained in between. Envoy 1.40 "
+        "`--concurrency 1`; one `aimesh proxy` process. TTFT is send to first chunk; `≥` marks "
+        "a lower bound (calls still queued 8 s after the last arrival are cut off: round "
+        "robin keeps feeding the slow instance more than it can serve).",
         "",
         "| balancer | TTFT p50 ms | TTFT p95 ms | TTFT p99 ms | total p99 ms | "
         "calls to slow instance | errors | max send lag ms | other processes' CPU (cores) |",
@@ -527,10 +534,19 @@ def main() -> int:
         default="",
         help="run only configurations whose label contains this text (e.g. load_aware)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="segments the duration is split into (default 2)"
+    )
     parser.add_argument("--dump", default="", help="write every call of every run as JSON here")
     args = parser.parse_args()
     runs, schedule = asyncio.run(
-        run_all(args.duration, args.seed, load=args.load, only=lambda label: args.only in label)
+        run_all(
+            args.duration,
+            args.seed,
+            load=args.load,
+            rounds=args.rounds,
+            only=lambda label: args.only in label,
+        )
     )
     if args.dump:
         import dataclasses
@@ -540,7 +556,7 @@ def main() -> int:
             json.dumps({r.label: [dataclasses.asdict(c) for c in r.calls] for r in runs})
         )
     print()
-    print(report(runs, schedule, args.duration, args.seed))
+    print(report(runs, schedule, args.duration, args.seed, args.rounds))
     return 0
 
 

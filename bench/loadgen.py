@@ -61,6 +61,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+class _AsIs:
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+
+    async def __aenter__(self) -> Any:
+        return self.channel
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
 def _request(i: int, max_tokens: int) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         model="gpt-4",
@@ -70,10 +81,13 @@ def _request(i: int, max_tokens: int) -> pb.GenerateRequest:
 
 
 async def unary(
-    target: str, *, concurrency: int, duration: float, max_tokens: int = 4, name: str = ""
+    target: str | Any, *, concurrency: int, duration: float, max_tokens: int = 4, name: str = ""
 ) -> Result:
-    result = Result(name=name or target)
-    async with grpc.aio.insecure_channel(target) as channel:
+    """`target` is HOST:PORT, or a channel-like object (a MeshChannel) to use as is."""
+    result = Result(name=name or str(target))
+    async with (
+        grpc.aio.insecure_channel(target) if isinstance(target, str) else _AsIs(target)
+    ) as channel:
         stub = pb_grpc.InferenceStub(channel)
         await stub.Generate(_request(0, max_tokens))  # connect and warm up
         stop_at = time.perf_counter() + duration

@@ -207,7 +207,7 @@ class StreamSet:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        await asyncio.gather(*(ch.close() for ch in self.channels), return_exceptions=True)
+        await asyncio.gather(*(ch.close(None) for ch in self.channels), return_exceptions=True)
 
 
 # -- backends ---------------------------------------------------------------------------
@@ -363,10 +363,10 @@ async def phase(
         if proxy:
             res.proxy_cpu = 100 * (cpu_seconds(proxy.pid) - pcpu0) / elapsed
         res.backend_cpu = (
-            100 * sum(cpu_seconds(b.pid) - c for b, c in zip(backends, cpu0)) / elapsed
+            100 * sum(cpu_seconds(b.pid) - c for b, c in zip(backends, cpu0, strict=True)) / elapsed
         )
         res.client_cpu = 100 * (cpu_seconds(me) - me0) / elapsed
-        got = [c1 - c0 for c0, c1, t in zip(counts0, ss.counts, ss.ttft) if t]
+        got = [c1 - c0 for c0, c1, t in zip(counts0, ss.counts, ss.ttft, strict=True) if t]
         res.window_min = min(got) if got else 0
         res.window_median = statistics.median(got) if got else 0.0
         res.window_zero = sum(1 for g in got if g == 0)
@@ -386,7 +386,9 @@ async def phase(
 
         await ss.cancel()
         after = await wait_backends_idle(addrs)
-        res.cancelled = sum(a.cancelled_total - b.cancelled_total for a, b in zip(after, before))
+        res.cancelled = sum(
+            a.cancelled_total - b.cancelled_total for a, b in zip(after, before, strict=True)
+        )
         res.active_after = sum(a.active for a in after)
         res.queued_after = sum(a.queued for a in after)
         if proxy:

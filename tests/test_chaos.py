@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -310,8 +309,9 @@ async def test_breaker_opens_on_a_failing_backend_and_closes_after_recovery(
         assert flaky_ep["breaker"]["trips"] >= 1
         # Retries stayed within the budget: 20% of calls plus 10 per second over 10 s.
         assert llm["retries"] == llm["retry_budget"]["allowed"] <= 0.2 * ok + 100
-        heal = procs.aimesh_command("sim", "faults", "--target", flaky.address, "--error-rate", "0")
-        assert subprocess.run(heal, capture_output=True, timeout=30).returncode == 0
+        heal = await asyncio.create_subprocess_exec(*procs.aimesh_command(
+            "sim", "faults", "--target", flaky.address, "--error-rate", "0"))
+        assert await heal.wait() == 0
         loop = asyncio.get_running_loop()
         end = loop.time() + 10
         while True:
