@@ -309,8 +309,9 @@ async def test_breaker_opens_on_a_failing_backend_and_closes_after_recovery(
         assert flaky_ep["breaker"]["trips"] >= 1
         # Retries stayed within the budget: 20% of calls plus 10 per second over 10 s.
         assert llm["retries"] == llm["retry_budget"]["allowed"] <= 0.2 * ok + 100
-        heal = await asyncio.create_subprocess_exec(*procs.aimesh_command(
-            "sim", "faults", "--target", flaky.address, "--error-rate", "0"))
+        heal = await asyncio.create_subprocess_exec(
+            *procs.aimesh_command("sim", "faults", "--target", flaky.address, "--error-rate", "0")
+        )
         assert await heal.wait() == 0
         loop = asyncio.get_running_loop()
         end = loop.time() + 10

@@ -94,7 +94,6 @@ def test_reference_document_loads_with_its_warnings() -> None:
     assert cfg.security.mtls.mode == "STRICT" and cfg.security.authorization.enabled
     assert [w.split(":")[0] for w in cfg.warnings] == [
         "spec.trafficPolicies[0].routes[1].destination",
-        "spec.services[0].circuitBreaker",
         "spec.security.mtls.mode",
         "spec.security.authorization.enabled",
     ]
@@ -106,9 +105,9 @@ def test_reference_document_loads_with_its_warnings() -> None:
     assert "not enforced" in cfg.warnings[1] and "not enforced" in cfg.warnings[2]
 
 
-def test_local_example_uses_every_feature_warning_only_of_what_is_not_applied_yet() -> None:
+def test_local_example_uses_every_feature_without_warnings() -> None:
     cfg = load_file(LOCAL)
-    assert all("not enforced yet" in w or "not applied yet" in w for w in cfg.warnings)
+    assert cfg.warnings == ()
     counts = {s.name: (s.models, len(s.endpoints)) for s in cfg.services}
     assert counts == {
         "gpt4-gateway": (("gpt-4",), 3),
@@ -635,7 +634,7 @@ def test_summary_shows_services_policies_and_warnings() -> None:
     assert "ServiceMesh ai-gateway-mesh (namespace default)" in text
     assert "gpt4-gateway: no models; endpoints from the control plane; least_connections" in text
     assert "canary-rollout: every call -> gpt4-gateway 90%, gpt4-gateway-v2 10%" in text
-    assert "warnings (4):" in text
+    assert "warnings (3):" in text
     local = summary(load_file(LOCAL))
     assert "gpt4-gateway: gpt-4; 3 endpoints; least_connections" in local
     assert 'llama-traffic: header x-tenant starts with "team-" and model in [llama-3-8b]' in local

@@ -137,7 +137,13 @@ async def test_inference_through_proxy_equals_direct(make_proxy, make_sim: SimFa
         stub = pb_grpc.InferenceStub(ch)
         call = stub.GenerateStream(req)
         got = [c async for c in call]
-        assert got == expected
+        # Same text, tokens, finish and usage; chunks may arrive merged if the reader lags.
+        assert "".join(c.text for c in got) == "".join(c.text for c in expected)
+        assert sum(c.token_count for c in got) == sum(c.token_count for c in expected)
+        assert (got[-1].finish_reason, got[-1].usage) == (
+            expected[-1].finish_reason,
+            expected[-1].usage,
+        )
         assert dict(await call.trailing_metadata())["aimesh-instance"] == f"127.0.0.1:{sim.port}"
         unary = await stub.Generate(req)
         assert unary.text == "".join(c.text for c in expected)

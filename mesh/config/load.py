@@ -758,7 +758,6 @@ def _warnings(cfg: MeshConfig) -> Iterator[str]:
     yield from _undeclared(cfg)
     yield from _shadowed(cfg)
     yield from _inert_breakers(cfg)
-    yield from _not_yet_applied(cfg)
     yield from _security_warnings(cfg.security)
 
 
@@ -790,29 +789,22 @@ def _shadowed(cfg: MeshConfig) -> Iterator[str]:
 
 
 def _inert_breakers(cfg: MeshConfig) -> Iterator[str]:
+    # The concurrency limits (maxRequests, maxPending, maxRetries) apply whether or not the
+    # breaker is enabled, as Envoy's thresholds do; the breaker's own settings do not.
+    limits = ("max_requests", "max_pending", "max_retries")
+    default = CircuitBreakerSpec()
     for i, service in enumerate(cfg.services):
         cb = service.circuit_breaker
-        if not cb.enabled and cb != CircuitBreakerSpec():
+        changed = [
+            f
+            for f in cb.__dataclass_fields__
+            if f not in (*limits, "enabled") and getattr(cb, f) != getattr(default, f)
+        ]
+        if not cb.enabled and changed:
             yield (
                 f"spec.services[{i}].circuitBreaker.enabled: false (the default), "
-                "so the circuit breaker settings given have no effect"
-            )
-
-
-def _not_yet_applied(cfg: MeshConfig) -> Iterator[str]:
-    # Parsed and validated now so documents stay valid, but the proxy does not act on them
-    # until the resilience work lands; say so rather than let users believe they are on.
-    for i, service in enumerate(cfg.services):
-        if service.circuit_breaker.enabled:
-            yield (
-                f"spec.services[{i}].circuitBreaker: not enforced yet; this version of the "
-                "proxy ejects failing endpoints (outlierDetection) but has no circuit breaker"
-            )
-    for i, policy in enumerate(cfg.traffic_policies):
-        if policy.retry is not None and policy.retry.attempts > 1:
-            yield (
-                f"spec.trafficPolicies[{i}].retry: not applied yet; this version of the proxy "
-                "does not retry calls"
+                "so the breaker settings given have no effect (the concurrency limits "
+                "maxRequests, maxPending and maxRetries apply regardless)"
             )
 
 

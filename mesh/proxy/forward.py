@@ -373,6 +373,7 @@ class Forwarder:
             try:
                 cluster, up = self.pick(decision, tuple(tried))
                 timeout = self._timeout(context, decision, cluster)
+                cluster.limits.start()
             except MeshError as err:
                 if delivered.tokens:
                     err = MeshError(
@@ -408,6 +409,7 @@ class Forwarder:
                 raise
             finally:
                 self._untrack(call)
+                cluster.limits.finish()
                 cluster.finished(up, time.perf_counter() - started, code, trailers)
             tried.append(up.address)
             self.resumed += 1

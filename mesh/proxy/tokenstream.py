@@ -40,6 +40,8 @@ class Delivered:
 
     def record(self, chunk: GenerateChunk) -> None:
         self.parts.append(chunk.text)
+        if len(self.parts) >= 64:  # one string per chunk would cost ~50 bytes each
+            self.parts[:] = ["".join(self.parts)]
         self.tokens += chunk.token_count
         self.next_index = chunk.index + chunk.token_count
         if chunk.finish_reason:

@@ -343,7 +343,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                 yield chunk
         except MeshError as err:
             await self._fail(context, err)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # A cancel that lands while grpc writes a chunk closes the generator instead.
             b.stats.cancelled += 1
             raise
         context.set_trailing_metadata(b.trailers())
