@@ -84,6 +84,7 @@ def _rpc_error(exc: _Abort, ctx: _CallContext) -> grpc.aio.AioRpcError:
         grpc.aio.Metadata(*tuple(ctx.initial or ())),
         grpc.aio.Metadata(*tuple(exc.trailers or ())),
         details=exc.details,
+        debug_error_string=f"aimesh MeshChannel: {exc.code.name}: {exc.details}",
     )
 
 
