@@ -53,6 +53,8 @@ spec:
     - name: llm
       models: [gpt-4]
       loadBalancer: {algorithm: round_robin}
+      # Envoy's default thresholds (1024 calls in flight) would refuse most of the 10,000.
+      circuitBreaker: {maxRequests: 100000, maxPending: 100000}
 """
 
 METHOD = "/aimesh.inference.v1.Inference/GenerateStream"
