@@ -1,19 +1,25 @@
 """Balancing quality for LLM traffic: p99 time to first token behind each balancer.
 
     python -m bench.balance [--duration SECONDS] [--seed N] [--load FRACTION]
+                            [--rounds N] [--only TEXT] [--dump FILE.json]
 
 A fleet of four sim backends serves `gpt-4`, three fast and one 4x slower (4x the time
 to first token, a quarter of the decode speed). One seeded, bursty, open-loop arrival
-schedule (Poisson background plus Poisson bursts) is replayed through each balancer in
-turn, on the same fleet, which is left to drain between runs:
+schedule (Poisson background plus Poisson bursts, 70% of the fleet's capacity on
+average) is replayed through each balancer, on the same fleet, drained between runs:
 
     Envoy ROUND_ROBIN, Envoy LEAST_REQUEST (P2C), aimesh round_robin,
     aimesh least_connections (P2C), aimesh load_aware (ORCA reports in trailers).
 
+The duration is split into rounds; each round replays its own part of the schedule
+through every balancer, in reverse order on alternate rounds, so load from other
+processes on a shared machine (reported per row) does not all land on one balancer.
+
 Every call is a GenerateStream; TTFT is send -> first chunk, total is send -> end of
-stream, and the `aimesh-instance` trailer says which backend served it. The claim tested
+stream, and the `aimesh-instance` trailer says which backend served it (the share sent
+to the slow instance comes from the backends' own call counters). The claim tested
 (from the issue): load_aware p99 TTFT <= 0.5x Envoy LEAST_REQUEST and <= 0.3x round robin.
-"""
+`run(duration, seed)` returns the markdown section for docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -98,21 +104,34 @@ class Schedule:
     spread: float = 0.1  # seconds a burst's calls are spread over
 
     def arrivals(self, duration: float, seed: int) -> list[float]:
+        """Seeded arrival times in [0, duration), exactly round(rate * duration) of them.
+
+        Drawn from the process over a longer span, then the first N are stretched or
+        squeezed onto [0, duration): the bursts keep their shape, and a short run is not
+        lighter or heavier than asked for by the luck of the draw.
+        """
+        n = round(self.rate * duration)
+        if n <= 0:
+            return []
         rng = random.Random(seed)
         out: list[float] = []
+        span = 2.0 * duration
         background = self.rate * (1 - self.burst_share)
-        t = rng.expovariate(background) if background > 0 else duration
-        while t < duration:
+        t = rng.expovariate(background) if background > 0 else span
+        while t < span:
             out.append(t)
             t += rng.expovariate(background)
-        mean_burst = sum(self.burst) / 2
-        burst_rate = self.rate * self.burst_share / mean_burst
-        t = rng.expovariate(burst_rate) if burst_rate > 0 else duration
-        while t < duration:
+        burst_rate = self.rate * self.burst_share / (sum(self.burst) / 2)
+        t = rng.expovariate(burst_rate) if burst_rate > 0 else span
+        while t < span:
             for _ in range(rng.randint(*self.burst)):
                 out.append(t + rng.uniform(0, self.spread))
             t += rng.expovariate(burst_rate)
-        return sorted(x for x in out if x < duration)
+        out.sort()
+        while len(out) <= n:  # a very unlucky draw: extend it
+            out.append(out[-1] + rng.expovariate(self.rate) if out else 0.0)
+        scale = duration / out[n]  # the (n+1)-th arrival lands on `duration`
+        return [x * scale for x in out[:n]]
 
 
 # -- processes --------------------------------------------------------------------------
@@ -255,10 +274,14 @@ class Run:
 
 
 def _pct(values: list[tuple[float, bool]], q: float) -> tuple[float, bool]:
+    """The q-quantile of (value, is_lower_bound) pairs, and whether it is itself only a
+    lower bound: so it is when a censored value sorts at or below it, since that call's
+    true value may lie anywhere above its bound."""
     if not values:
         return math.nan, False
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    i = min(len(ordered) - 1, int(q * len(ordered)))
+    return ordered[i][0], any(bound for _, bound in ordered[: i + 1])
 
 
 def _cpu(pids: Sequence[int]) -> float:
@@ -291,15 +314,12 @@ async def measure(
     proxy_pid: int,
     sims: Sequence[procs.Proc],
     arrivals: list[float],
-    warmup: list[float],
+    warmup: float,
     drain_timeout: float,
 ) -> Run:
-    """One segment: warm the balancer up, let the fleet drain, replay `arrivals`."""
-    if warmup:  # same load, other arrivals: the balancer gets latencies and load reports
-        await loadgen.open_loop_streams(
-            target, warmup, drain_timeout=drain_timeout, prompt="warm up {i}"
-        )
-        await wait_idle(sims)
+    """One segment: `arrivals` (the first `warmup` seconds of them unmeasured, so the
+    balancer has latencies and load reports and the fleet is in its stride), then the
+    calls still running are given `drain_timeout` s, and the fleet is let drain."""
     sim_pids = [s.pid for s in sims]
     c0 = (_cpu([proxy_pid]), _cpu(sim_pids), _self_cpu())
     m0 = machine_busy()
@@ -313,13 +333,20 @@ async def measure(
     m1 = machine_busy()
     n1 = await sim_calls(sims)
     await wait_idle(sims)
+    measured = [c for c in calls if c.scheduled >= warmup]
+    # Backends count calls, not which of them were warm-up: count warm-up calls off by
+    # the instance named in their trailers (all finish, being early).
+    served = {k: n1[k] - n0[k] for k in n1}
+    for c in calls:
+        if c.scheduled < warmup and c.instance in served:
+            served[c.instance] -= 1
     return Run(
         label,
-        calls,
+        measured,
         wall,
         {"proxy": c1[0] - c0[0], "backends": c1[1] - c0[1], "generator": c1[2] - c0[2]},
         m1[0] - m0[0],
-        {k: n1[k] - n0[k] for k in n1},
+        served,
     )
 
 
@@ -339,7 +366,7 @@ async def run_all(
     load: float = 0.7,
     rounds: int = 2,
     warmup: float = 1.5,
-    drain_timeout: float = 8.0,
+    drain_timeout: float = 6.0,
     only: Callable[[str], bool] = lambda _: True,
 ) -> tuple[list[Run], Schedule]:
     """Every configuration gets `duration` seconds of arrivals, in `rounds` segments.
@@ -352,14 +379,13 @@ async def run_all(
     capacity = sum(i.capacity() for i in FLEET)
     schedule = Schedule(rate=load * capacity)
     segment = duration / rounds
+    # Each round: `warmup` s of unmeasured arrivals, then `segment` s of measured ones.
     plans = [
-        (
-            schedule.arrivals(segment, seed * 1_000 + k),
-            schedule.arrivals(warmup, seed * 1_000 + 500 + k),
-        )
+        schedule.arrivals(warmup, seed * 1_000 + 500 + k)
+        + [warmup + t for t in schedule.arrivals(segment, seed * 1_000 + k)]
         for k in range(rounds)
     ]
-    n = sum(len(a) for a, _ in plans)
+    n = sum(sum(t >= warmup for t in p) for p in plans)
     print(
         f"fleet capacity ~{capacity:.1f} calls/s; schedule: {n} calls in {duration:g}s "
         f"({n / duration:.1f}/s, {load:.0%} of capacity) per configuration, {rounds} rounds, "
@@ -372,9 +398,9 @@ async def run_all(
     tmp = tempfile.TemporaryDirectory(prefix="aimesh-bench-balance-")
     try:
         backends = [s.address for s in sims]
-        for k, (arrivals, warm) in enumerate(plans):
+        for k, arrivals in enumerate(plans):
             for label, kind, policy in configs if k % 2 == 0 else configs[::-1]:
-                args = (sims, arrivals, warm, drain_timeout)
+                args = (sims, arrivals, warmup, drain_timeout)
                 if kind == "envoy":
                     with Envoy(backends, lb_policy=policy) as envoy:
                         r = await measure(label, envoy.address, envoy.pid, *args)
@@ -462,10 +488,10 @@ def report(
         f"bursts of {schedule.burst[0]}-{schedule.burst[1]} calls within "
         f"{schedule.spread * 1000:g} ms, which overflow the fleet's slots for a moment), "
         f"identical for every balancer. It runs in {rounds} rounds of {duration / rounds:g} s, "
-        "each replaying its part through every balancer (order reversed on alternate rounds), "
-        "each after a short warm-up and with the fleet drained in between. Envoy 1.40 "
+        "each replaying its part through every balancer (order reversed on alternate rounds) "
+        "after 1.5 s of unmeasured warm-up arrivals, with the fleet drained in between. Envoy 1.40 "
         "`--concurrency 1`; one `aimesh proxy` process. TTFT is send to first chunk; `≥` marks "
-        "a lower bound (calls still queued 8 s after the last arrival are cut off: round "
+        "a lower bound (calls still queued 6 s after the last arrival are cut off: round "
         "robin keeps feeding the slow instance more than it can serve).",
         "",
         "| balancer | TTFT p50 ms | TTFT p95 ms | TTFT p99 ms | total p99 ms | "

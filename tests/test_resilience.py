@@ -272,3 +272,35 @@ async def test_too_little_deadline_is_not_sent_upstream(make_proxy) -> None:  # 
     assert "not sent upstream" in (info.value.details() or "")
     assert calls == []
     await server.stop(None)
+
+
+async def test_hedged_call_answers_from_the_fast_endpoint(make_proxy, make_sim: SimFactory) -> None:  # type: ignore[no-untyped-def]
+    slow = await make_sim(instance_id="slow", faults=Faults(extra_latency=2.0))
+    fast = await make_sim(instance_id="fast")
+    proxy = await make_proxy(
+        mesh_doc(
+            [{"name": "llm", "models": ["gpt-4"], "loadBalancer": {"algorithm": "round_robin"}}],
+            [
+                {
+                    "name": "all",
+                    "routes": [{"destination": "llm"}],
+                    "hedge": {"delay": "50ms", "attempts": 2},
+                }
+            ],
+        ),
+        extra={
+            "llm": [EndpointAddr(f"127.0.0.1:{slow.port}"), EndpointAddr(f"127.0.0.1:{fast.port}")]
+        },
+    )
+    loop = asyncio.get_running_loop()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        for i in range(4):
+            t0 = loop.time()
+            call = stub.Generate(prompt(str(i), max_tokens=2), timeout=5)
+            await call
+            assert dict(await call.trailing_metadata())["aimesh-instance"] == "fast"
+            assert loop.time() - t0 < 1.0  # never waited out the slow one
+    # The slow endpoint's losing attempts were cancelled, not left generating.
+    await asyncio.wait_for(slow.backend.wait_idle(), 5)
+    assert slow.backend.stats.cancelled == slow.backend.stats.calls >= 2

@@ -37,6 +37,7 @@ from .schema import (
     Endpoint,
     HeaderMatch,
     HealthCheckSpec,
+    HedgeSpec,
     LoadBalancerSpec,
     MeshConfig,
     Metadata,
@@ -658,6 +659,22 @@ _retry = _section(
     ],
 )
 
+
+def _hedge_attempts(node: object, at: _At) -> int:
+    attempts: int = _int(2)(node, at)
+    if attempts > MAX_ATTEMPTS:
+        raise _Invalid(f"{attempts} is above the cap of {MAX_ATTEMPTS} attempts")
+    return attempts
+
+
+_hedge = _section(
+    HedgeSpec,
+    [
+        _Field("delay", "delay", _duration()),
+        _Field("attempts", "attempts", _hedge_attempts),
+    ],
+)
+
 _POLICY_FIELDS = [
     _Field("name", "name", _nonempty, required=True),
     _Field("match", "match", _match),
@@ -666,6 +683,7 @@ _POLICY_FIELDS = [
     _Field("timeout", "timeout", _duration()),
     _Field("retry", "retry", _retry),
     _Field("resume", "resume", _bool),
+    _Field("hedge", "hedge", _hedge),
 ]
 _policy = _section(TrafficPolicy, _POLICY_FIELDS)
 
@@ -673,6 +691,10 @@ _policy = _section(TrafficPolicy, _POLICY_FIELDS)
 def _policies(node: object, at: _At) -> tuple[TrafficPolicy, ...]:
     items: list[tuple[int, TrafficPolicy]] = _items(node, at, _policy)
     _duplicates(((at.index(i).key("name"), p.name) for i, p in items), "policy name")
+    for i, p in items:
+        if p.hedge is not None and p.retry is not None and p.retry.attempts > 1:
+            # gRFC A6: a call is either retried or hedged, never both.
+            at.index(i).key("hedge").error("a policy may retry or hedge, not both; remove one")
     return tuple(p for _, p in items)
 
 

@@ -180,6 +180,14 @@ class RetrySpec:
 
 
 @dataclass(frozen=True, slots=True)
+class HedgeSpec:
+    """Hedged unary calls: if no answer after `delay`, send the call again elsewhere."""
+
+    delay: float = 0.05
+    attempts: int = 2  # in all, the first included
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
     name: str
     routes: tuple[Route, ...]
@@ -188,6 +196,7 @@ class TrafficPolicy:
     timeout: float | None = None
     retry: RetrySpec | None = None
     resume: bool = True  # resume broken token streams on another endpoint
+    hedge: HedgeSpec | None = None  # unary calls only; a policy has retry or hedge, not both
 
     def shares(self) -> tuple[tuple[str, float], ...]:
         """(destination, fraction of calls) per route; fractions sum to 1."""

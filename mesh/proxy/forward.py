@@ -219,6 +219,8 @@ class Forwarder:
             decision = self.decide(path, md, request)
             if kind == UU and decision.retry is not None:
                 return await self._unary_retrying(path, context, request, md, decision)
+            if kind == UU and decision.hedge is not None:
+                return await self._unary_hedged(path, context, request, md, decision)
             cluster, up = self.pick(decision)
             timeout = self._timeout(context, decision, cluster)
             cluster.limits.start()
@@ -351,6 +353,74 @@ class Forwarder:
             since_pushback = 1 if verdict.pushback else since_pushback + 1
             await asyncio.sleep(verdict.delay)
 
+    async def _unary_hedged(
+        self, path: str, context: Any, request: bytes | None, md: Any, decision: RouteDecision
+    ) -> Any:
+        """A hedged unary call: if no answer comes within `hedge.delay`, the same call goes
+        to another endpoint too (up to `hedge.attempts` in all, each under the retry
+        budget); the first answer wins and the others are cancelled. A failure with a
+        status that says nothing of the request (UNAVAILABLE, INTERNAL, UNKNOWN) sends the
+        next hedge at once; any other status is the answer."""
+        hedge = decision.hedge
+        assert hedge is not None
+        fwd_md = forwardable(md)
+        tried: list[str] = []
+        running: dict[asyncio.Task[Any], tuple[Cluster, Upstream, Any, float]] = {}
+        last: grpc.aio.AioRpcError | None = None
+
+        def launch() -> None:
+            cluster, up = self.pick(decision, tuple(tried))
+            n = len(tried)
+            if n == 0:
+                cluster.budget.record_request()
+            elif not cluster.budget.try_acquire():
+                return  # no budget for another hedge: wait for the ones out
+            tried.append(up.address)
+            cluster.limits.start()
+            headers = fwd_md if n == 0 else (*fwd_md, ("grpc-previous-rpc-attempts", str(n)))
+            call = up.multicallable(path, UU)(
+                request, metadata=headers, timeout=self._timeout(context, decision, cluster)
+            )
+            self._track(call)
+            task = asyncio.ensure_future(_settle(call))
+            running[task] = (cluster, up, call, time.perf_counter())
+
+        def close(task: asyncio.Task[Any], code: grpc.StatusCode | None, trailers: Any) -> None:
+            cluster, up, call, started = running.pop(task)
+            self._untrack(call)
+            cluster.limits.finish()
+            cluster.finished(up, time.perf_counter() - started, code, trailers)
+
+        launch()
+        try:
+            while running:
+                more = len(tried) < hedge.attempts
+                done, _ = await asyncio.wait(
+                    list(running),
+                    timeout=hedge.delay if more else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in done:
+                    response, initial, trailers, exc = task.result()
+                    close(task, exc.code() if exc else None, trailers)
+                    if exc is None:
+                        if initial:
+                            await context.send_initial_metadata(initial)
+                        context.set_trailing_metadata(trailers)
+                        return response
+                    last = exc
+                    if exc.code() not in RESUMABLE:
+                        await self._relay_error(context, exc)
+                if len(tried) < hedge.attempts and (not done or last is not None):
+                    launch()
+            assert last is not None
+            await self._relay_error(context, last)
+        finally:
+            for task, (_, _, call, _) in list(running.items()):
+                call.cancel()  # the losers
+                task.cancel()
+                close(task, grpc.StatusCode.CANCELLED, None)
+
     async def _relay_error(self, context: Any, exc: grpc.aio.AioRpcError) -> None:
         if self.aborting and exc.code() == grpc.StatusCode.CANCELLED:
             await _abort_draining(context)
@@ -457,6 +527,15 @@ async def relay_error(context: Any, exc: grpc.aio.AioRpcError) -> None:
     await context.abort(
         exc.code(), exc.details() or "", trailing_metadata=tuple(exc.trailing_metadata() or ())
     )
+
+
+async def _settle(call: Any) -> tuple[Any, Any, Any, grpc.aio.AioRpcError | None]:
+    """(response, headers, trailers, error) of a unary call, never raising its error."""
+    try:
+        response = await call
+        return response, await call.initial_metadata(), await call.trailing_metadata(), None
+    except grpc.aio.AioRpcError as exc:
+        return None, exc.initial_metadata(), exc.trailing_metadata(), exc
 
 
 def _pushback(trailers: Any) -> str | None:

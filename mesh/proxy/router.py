@@ -15,7 +15,7 @@ from typing import Any
 
 from aimesh.interceptors.retry_policy import RetryPolicy
 
-from ..config import MeshConfig
+from ..config import HedgeSpec, MeshConfig
 
 INFERENCE_SERVICE = "aimesh.inference.v1.Inference"
 # Inference methods whose request carries `model` as field 1.
@@ -30,6 +30,7 @@ class RouteDecision:
     timeout: float | None = None
     resume: bool = True
     retry: RetryPolicy | None = None  # None: no retries
+    hedge: HedgeSpec | None = None  # unary calls: send again elsewhere if no answer soon
 
     def order(self, available: Callable[[str], bool], rng: random.Random) -> list[str]:
         """Services to try, best first: one weighted pick among the split's destinations that
@@ -70,6 +71,7 @@ class Router:
                     retry=RetryPolicy.from_spec(p.retry)
                     if p.retry is not None and p.retry.attempts > 1
                     else None,
+                    hedge=p.hedge if p.hedge is not None and p.hedge.attempts > 1 else None,
                 ),
             )
             for p in config.traffic_policies

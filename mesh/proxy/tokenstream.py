@@ -109,24 +109,23 @@ async def pump(
     task = asyncio.get_running_loop().create_task(reader())
     try:
         while True:
-            await wake.wait()
-            wake.clear()
-            if backlog:
-                batch = backlog[:]
-                backlog.clear()
-                room.set()
-                chunk = (
-                    GenerateChunk.FromString(batch[0]) if len(batch) == 1 else merge_chunks(batch)
-                )
-                raw = batch[0] if len(batch) == 1 else None
-                if delivered.next_index is not None and chunk.index != delivered.next_index:
-                    # A resumed backend may count differently; the caller's index stays continuous.
-                    chunk.index = delivered.next_index
-                    raw = None
-                await write(raw if raw is not None else bytes(chunk.SerializeToString()))
-                delivered.record(chunk)
-            elif done:
-                break
+            if not backlog:
+                if done:  # the reader has finished and everything is written
+                    break
+                await wake.wait()
+                wake.clear()
+                continue
+            batch = backlog[:]
+            backlog.clear()
+            room.set()
+            chunk = GenerateChunk.FromString(batch[0]) if len(batch) == 1 else merge_chunks(batch)
+            raw = batch[0] if len(batch) == 1 else None
+            if delivered.next_index is not None and chunk.index != delivered.next_index:
+                # A resumed backend may count differently; the caller's index stays continuous.
+                chunk.index = delivered.next_index
+                raw = None
+            await write(raw if raw is not None else bytes(chunk.SerializeToString()))
+            delivered.record(chunk)
     finally:
         if not task.done():
             task.cancel()
