@@ -3,8 +3,9 @@
     python -m bench [--duration SECONDS] [--only NAME]
 
 Sections: `baseline` (direct calls to the sim backend), `proxy` (aimesh proxy against
-Envoy 1.40 and a direct call), `balance` (balancing quality on a fleet with a slow
-instance), `streams` (10,000 concurrent token streams through one proxy).
+Envoy 1.40 and a direct call), `proxyless` (MeshChannel against a direct channel),
+`balance` (balancing quality on a fleet with a slow instance), `streams` (10,000
+concurrent token streams through one proxy).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _update(section: str, body: str) -> None:
     DOC.write_text(text)
 
 
-SECTIONS = ("baseline", "proxy", "balance", "streams")
+SECTIONS = ("baseline", "proxy", "proxyless", "balance", "streams")
 
 
 def _section(name: str, duration: float) -> str:
@@ -111,6 +112,10 @@ def _section(name: str, duration: float) -> str:
         from . import proxy
 
         return proxy.report(asyncio.run(proxy.run(duration)), duration)
+    if name == "proxyless":
+        from . import proxyless
+
+        return asyncio.run(proxyless.run(duration))
     if name == "balance":
         from . import balance
 

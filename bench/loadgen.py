@@ -111,8 +111,16 @@ async def unary(
 
 
 async def streams(
-    target: str, *, concurrency: int, duration: float, max_tokens: int = 200, name: str = ""
+    target: str,
+    *,
+    concurrency: int,
+    duration: float,
+    max_tokens: int = 200,
+    name: str = "",
+    tokens_per_second: float | None = None,
 ) -> Result:
+    """Closed-loop GenerateStream calls; `tokens_per_second` paces the sim backend's tokens
+    for these requests (its `sim_tokens_per_second` extension) instead of its own flag."""
     result = Result(name=name or target)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceStub(channel)
@@ -126,7 +134,10 @@ async def streams(
                 t0 = time.perf_counter()
                 first = True
                 try:
-                    async for chunk in stub.GenerateStream(_request(i, max_tokens)):
+                    req = _request(i, max_tokens)
+                    if tokens_per_second is not None:
+                        req.extensions.update({"sim_tokens_per_second": tokens_per_second})
+                    async for chunk in stub.GenerateStream(req):
                         if first:
                             result.ttfts.append(time.perf_counter() - t0)
                             first = False

@@ -341,3 +341,14 @@ async def test_oversized_message_is_refused(channel: grpc.aio.Channel) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await pb_grpc.InferenceStub(channel).Generate(big)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_request_can_pace_its_own_tokens(make_sim: SimFactory) -> None:
+    sim = await make_sim(ttft=0.0, tokens_per_second=0.0)
+    loop = asyncio.get_running_loop()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sim.port}") as ch:
+        req = prompt(max_tokens=6)
+        req.extensions.update({"sim_tokens_per_second": 50})
+        t0 = loop.time()
+        await pb_grpc.InferenceStub(ch).Generate(req)
+        assert loop.time() - t0 >= 5 / 50  # 5 gaps of 20 ms between 6 tokens

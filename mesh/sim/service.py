@@ -249,6 +249,11 @@ class InferenceService(pb_grpc.InferenceServicer):
                 r.model, _prompt_turns(r), r.seed if r.HasField("seed") else None, c.length_range
             )
             limit = r.max_tokens or c.default_max_tokens
+            # A request may pace itself (extensions {"sim_tokens_per_second": N}), so one
+            # instance can serve both paced and unpaced benchmark traffic.
+            tps = c.tokens_per_second
+            if "sim_tokens_per_second" in r.extensions.fields:
+                tps = max(0.0, r.extensions.fields["sim_tokens_per_second"].number_value)
             end = min(completion.natural_length, limit)
             finish = (
                 pb.FINISH_REASON_STOP
@@ -276,8 +281,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                         f"{b.instance_id} shut down before this stream finished "
                         f"({pos - start} tokens delivered); resume elsewhere with continuation",
                     )
-                if c.tokens_per_second and not first:
-                    interval = (1 + c.batch_slowdown * (b.pool.active - 1)) / c.tokens_per_second
+                if tps and not first:
+                    interval = (1 + c.batch_slowdown * (b.pool.active - 1)) / tps
                     next_at += interval
                     wait = next_at - loop.time()
                     if wait > 0:
