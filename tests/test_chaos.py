@@ -35,6 +35,7 @@ def _yaml(services: dict[str, list[str]], policies: str = "") -> str:
         lines += [f"    - name: {name}", "      endpoints:"]
         lines += [f"        - address: {a}" for a in addrs]
         lines += [
+            "      circuitBreaker: {maxRetries: 100}",
             "      loadBalancer:",
             "        algorithm: round_robin",
             "        healthCheck: {interval: 1s, timeout: 300ms}",
@@ -296,9 +297,9 @@ async def test_breaker_opens_on_a_failing_backend_and_closes_after_recovery(
     text = _yaml({"llm": [s.address for s in (*sims, flaky)], "llm-backup": []}, RETRYING)
     text = text.replace(
         "        outlierDetection: {consecutiveErrors: 2, maxEjectionPercent: 100%}\n",
-        "        outlierDetection: {consecutiveErrors: 1000}\n" + breaker,
+        "        outlierDetection: {consecutiveErrors: 1000}\n",
         1,
-    )
+    ).replace("      circuitBreaker: {maxRetries: 100}\n", breaker, 1)
     proxy = _proxy(tmp_path, text)
     try:
         ok, failures = await _steady_unary(proxy.address, 2.0)
@@ -327,3 +328,29 @@ async def test_breaker_opens_on_a_failing_backend_and_closes_after_recovery(
         proxy.terminate()
         for s in (*sims, flaky):
             s.kill()
+
+
+async def test_a_200ms_deadline_reaches_the_backend_reduced_through_two_proxy_processes(
+    tmp_path: Path,
+) -> None:
+    from . import echo
+
+    server, port = await echo.start("deep")
+    policy = (
+        f"  trafficPolicies:\n    - name: echo\n      match: {{service: {echo.SERVICE}}}\n"
+        "      routes: [{destination: llm}]\n"
+    )
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "outer").mkdir()
+    inner = _proxy(tmp_path / "inner", _yaml({"llm": [f"127.0.0.1:{port}"]}, policy))
+    outer = _proxy(tmp_path / "outer", _yaml({"llm": [inner.address]}, policy))
+    try:
+        async with grpc.aio.insecure_channel(outer.address) as ch:
+            call = ch.unary_unary(f"/{echo.SERVICE}/Unary")(b"x", timeout=0.2)
+            assert await call == b"u:x"
+            seen = int(dict(await call.trailing_metadata())["x-deadline-ms"])
+        assert 0 < seen < 200
+    finally:
+        outer.terminate()
+        inner.terminate()
+        await server.stop(None)

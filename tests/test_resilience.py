@@ -304,3 +304,37 @@ async def test_hedged_call_answers_from_the_fast_endpoint(make_proxy, make_sim: 
     # The slow endpoint's losing attempts were cancelled, not left generating.
     await asyncio.wait_for(slow.backend.wait_idle(), 5)
     assert slow.backend.stats.cancelled == slow.backend.stats.calls >= 2
+
+
+async def test_a_stream_that_fails_before_its_first_chunk_is_retried(
+    make_proxy,
+    make_sim: SimFactory,  # type: ignore[no-untyped-def]
+) -> None:
+    good = await make_sim(instance_id="good")
+    bad = await make_sim(instance_id="bad", faults=Faults(error_rate=1.0))
+    proxy = await make_proxy(
+        mesh_doc(
+            [
+                {
+                    "name": "llm",
+                    "models": ["gpt-4"],
+                    "loadBalancer": {
+                        "algorithm": "round_robin",
+                        "outlierDetection": {"consecutiveErrors": 1000},
+                    },
+                }
+            ],
+            [{"name": "all", "routes": [{"destination": "llm"}], "retry": RETRY}],
+        ),
+        extra={
+            "llm": [EndpointAddr(f"127.0.0.1:{bad.port}"), EndpointAddr(f"127.0.0.1:{good.port}")]
+        },
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        for i in range(6):
+            call = stub.GenerateStream(prompt(str(i), max_tokens=3))
+            chunks = [c async for c in call]
+            assert sum(c.token_count for c in chunks) == 3
+            assert dict(await call.trailing_metadata())["aimesh-instance"] == "good"
+    assert proxy.clusters["llm"].retries == bad.backend.stats.calls > 0

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from aimesh.interceptors.limits import LimitExceeded
 from aimesh.interceptors.retry_policy import Retry, decide
 
 from ..errors import MeshError
@@ -279,13 +280,20 @@ class Forwarder:
         tried: list[str] = []
         attempt = 1
         since_pushback = 1  # gRFC A6: the backoff sequence restarts after a pushback retry
+        failed: grpc.aio.AioRpcError | None = None  # the last attempt's error
         while True:
             cluster, up = self.pick(decision, tuple(tried))
             if attempt == 1:
                 cluster.budget.record_request()
                 cluster.limits.start()
             else:
-                cluster.limits.start_retry()  # checked free before the budget was charged
+                try:
+                    cluster.limits.start_retry()
+                except LimitExceeded:
+                    # The retry's service has no room for another retry: the caller gets
+                    # the error it would have had without retries, not ours.
+                    assert failed is not None
+                    await self._relay_error(context, failed)
                 cluster.retries += 1
             timeout = self._timeout(context, decision, cluster)
             if policy.per_try_timeout is not None and (
@@ -313,6 +321,7 @@ class Forwarder:
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 trailers = exc.trailing_metadata()
+                failed = exc
                 left = None if end is None else end - loop.time()
                 # A per-try timeout that fired before the call's own deadline is retryable.
                 retry_as = code
@@ -469,8 +478,15 @@ class Forwarder:
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 trailers = exc.trailing_metadata()
-                if not self._should_resume(decision, delivered, exc, len(tried)):
+                if delivered.tokens == 0:
+                    # Nothing reached the caller yet: retried like a unary call.
+                    delay = self._stream_retry_delay(decision, exc, len(tried) + 1, cluster)
+                    if delay is None:
+                        await self._stream_error(context, exc, delivered, decision, up)
+                elif not self._should_resume(decision, delivered, exc, len(tried)):
                     await self._stream_error(context, exc, delivered, decision, up)
+                else:
+                    delay = 0.0
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 call.cancel()
@@ -482,8 +498,34 @@ class Forwarder:
                 cluster.limits.finish()
                 cluster.finished(up, time.perf_counter() - started, code, trailers)
             tried.append(up.address)
-            self.resumed += 1
-            body = resumed_request(request, delivered)
+            if delivered.tokens:
+                self.resumed += 1
+                body = resumed_request(request, delivered)
+            else:
+                cluster.retries += 1
+            if delay:
+                await asyncio.sleep(delay)
+
+    def _stream_retry_delay(
+        self, decision: RouteDecision, exc: grpc.aio.AioRpcError, attempt: int, cluster: Cluster
+    ) -> float | None:
+        """Seconds to wait before retrying a stream that failed before its first chunk, or
+        None to fail it: the route's retry policy and the service's budget decide."""
+        policy = decision.retry
+        if policy is None or self.aborting:
+            return None
+        if attempt == 1:
+            cluster.budget.record_request()
+        verdict = decide(
+            policy,
+            attempt,
+            exc.code(),
+            _pushback(exc.trailing_metadata()),
+            None,
+            cluster.budget,
+            self.rng,
+        )
+        return verdict.delay if isinstance(verdict, Retry) else None
 
     def _should_resume(
         self, decision: RouteDecision, delivered: Delivered, exc: grpc.aio.AioRpcError, resumes: int
