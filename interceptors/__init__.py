@@ -1,7 +1,19 @@
-"""grpc.aio interceptors of the mesh, one concern per module.
+"""The mesh's per-call policies, one concern per module.
+
+Pure decisions (no I/O; clock and rng injected), used by the proxy's call path
+(`aimesh.mesh.proxy.forward`) and so by the proxyless `MeshChannel` too:
+
+- `backoff`: gRFC A6 exponential backoff with full jitter, and server pushback parsing.
+- `budget`: the retry budget (20% extra load plus 10 retries/s over 10 s, as Linkerd).
+- `breaker`: circuit breakers (error rate or consecutive errors; growing, jittered open
+  periods; half-open probes).
+- `limits`: concurrency limits, as Envoy's thresholds (1024 / 1024 / 3).
+- `retry_policy`: a route's retry policy and the retry-or-stop decision.
+
+grpc.aio server interceptors:
 
 - `decode`: a request that does not parse gets INTERNAL with a message naming the type,
-  instead of grpc's UNKNOWN with a Python traceback class name.
+  instead of grpc's UNKNOWN with a Python exception name.
 """
 
 from .decode import DecodeErrorInterceptor
