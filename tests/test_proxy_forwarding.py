@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -265,3 +266,27 @@ async def test_pump_ends_when_the_last_chunk_and_eof_arrive_during_one_write() -
     release.set()
     await asyncio.wait_for(task, 2)
     assert delivered.text == "t0t1t2" and delivered.tokens == 3
+
+
+async def test_request_id_is_kept_or_made_and_sent_upstream(
+    echo_via_proxy: grpc.aio.Channel,
+) -> None:
+    call = echo_via_proxy.unary_unary(_path("Unary"))(b"x", metadata=(("x-request-id", "r-1"),))
+    await call
+    assert dict(await call.initial_metadata())["echo-x-request-id"] == "r-1"
+    call = echo_via_proxy.unary_unary(_path("Unary"))(b"x")
+    await call
+    made = dict(await call.initial_metadata())["echo-x-request-id"]
+    assert isinstance(made, str) and len(made) == 32
+
+
+async def test_inbound_stack_counts_every_outcome(make_proxy) -> None:  # type: ignore[no-untyped-def]
+    server, port = await echo.start()
+    proxy = await make_proxy(ECHO_DOC, extra={"echo": [EndpointAddr(f"127.0.0.1:{port}")]})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
+        for body in (b"ok", b"ok", echo.FAIL):
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await ch.unary_unary(_path("Unary"))(body)
+    stats = proxy.counters.snapshot()[_path("Unary")]
+    assert stats["calls"] == {"OK": 2, "FAILED_PRECONDITION": 1}
+    await server.stop(None)

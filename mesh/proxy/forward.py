@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from aimesh.interceptors.base import current_call
 from aimesh.interceptors.limits import LimitExceeded
 from aimesh.interceptors.retry_policy import Retry, decide
 
@@ -56,7 +57,13 @@ MAX_RESUMES = 3
 
 
 def forwardable(metadata: Any) -> tuple[tuple[str, Any], ...]:
-    return tuple((k, v) for k, v in metadata if k not in _HOP_HEADERS)
+    """The caller's headers minus hop-by-hop ones, plus what the inbound stack adds
+    (a request id it generated, for one)."""
+    headers = tuple((k, v) for k, v in metadata if k not in _HOP_HEADERS)
+    call = current_call()
+    if call is not None and call.forward_headers:
+        headers = (*headers, *call.forward_headers)
+    return headers
 
 
 class Forwarder:
@@ -236,12 +243,14 @@ class Forwarder:
         code = None
         trailers = None
         response = None
+        sent = False
         try:
             if kind == UU or kind == SU:
                 response = await call
             initial = await call.initial_metadata()
             if initial:  # an empty send would cost a batch of its own
                 await context.send_initial_metadata(initial)
+                sent = True
             if kind == US or kind == SS:
                 read, write = call.read, context.write
                 while (msg := await read()) is not EOF:
@@ -252,7 +261,7 @@ class Forwarder:
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             trailers = exc.trailing_metadata()
-            await self._relay_error(context, exc)
+            await self._relay_error(context, exc, headers_sent=sent)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             call.cancel()
@@ -430,10 +439,12 @@ class Forwarder:
                 task.cancel()
                 close(task, grpc.StatusCode.CANCELLED, None)
 
-    async def _relay_error(self, context: Any, exc: grpc.aio.AioRpcError) -> None:
+    async def _relay_error(
+        self, context: Any, exc: grpc.aio.AioRpcError, *, headers_sent: bool = False
+    ) -> None:
         if self.aborting and exc.code() == grpc.StatusCode.CANCELLED:
             await _abort_draining(context)
-        await relay_error(context, exc)
+        await relay_error(context, exc, headers_sent=headers_sent)
 
     async def _generate_stream(self, path: str, context: Any, request: bytes) -> None:
         """GenerateStream: chunks merged for slow callers; a stream that breaks after
@@ -558,13 +569,16 @@ class Forwarder:
                 f"the stream from {up.address} broke after {delivered.tokens} tokens were "
                 f"delivered ({exc.code().name}: {exc.details()}); {why}",
             )
-        await self._relay_error(context, exc)
+        await self._relay_error(context, exc, headers_sent=delivered.headers_sent)
 
 
-async def relay_error(context: Any, exc: grpc.aio.AioRpcError) -> None:
-    """Ends the downstream call with the upstream's status, message, headers and trailers."""
+async def relay_error(
+    context: Any, exc: grpc.aio.AioRpcError, *, headers_sent: bool = False
+) -> None:
+    """Ends the downstream call with the upstream's status, message, headers (unless they
+    went out already) and trailers."""
     initial = exc.initial_metadata()
-    if initial:
+    if initial and not headers_sent:
         await context.send_initial_metadata(initial)
     await context.abort(
         exc.code(), exc.details() or "", trailing_metadata=tuple(exc.trailing_metadata() or ())

@@ -60,6 +60,7 @@ async def run(config_path: str, settings: ProxySettings, admin: str | None, grac
             {
                 "/ready": lambda: text_response("ready\n"),
                 "/clusters": lambda: json_response(proxy.snapshot()),
+                "/stats": lambda: json_response(proxy.counters.snapshot()),
                 "/config": lambda: text_response(
                     summary(proxy.config) + "\n" if proxy.config else "no config\n"
                 ),

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from aimesh.inference.v1 import inference_pb2
+from aimesh.interceptors.events import Counters
 
 from ..config import MeshConfig, ServiceSpec
 from ..serving import HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA, Health, bind, server_options
@@ -33,6 +34,7 @@ from .cluster import Cluster, EndpointAddr, OutlierPolicy, insecure_channel_fact
 from .forward import Forwarder, GenericHandler
 from .health import HealthChecker, HealthPolicy
 from .router import Router
+from .stack import inbound_stack
 
 log = logging.getLogger("aimesh.proxy")
 
@@ -136,6 +138,7 @@ class Proxy:
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ]
         )
+        self.counters = Counters()  # calls by method and status, from the inbound stack
         self.forwarder: Forwarder | None = None
         self.inbound: Forwarder | None = None
         self.servers: list[grpc.aio.Server] = []
@@ -212,7 +215,10 @@ class Proxy:
     # -- serving ------------------------------------------------------------------------
 
     def _server(self, forwarder: Forwarder) -> tuple[grpc.aio.Server, Health]:
-        server = grpc.aio.server(options=server_options(self.settings.max_message_bytes))
+        server = grpc.aio.server(
+            options=server_options(self.settings.max_message_bytes),
+            interceptors=[inbound_stack(self.settings.min_deadline, self.counters)],
+        )
         health = Health(server, [])
         ReflectionRelay(self.catalog).register(server)
         server.add_generic_rpc_handlers((GenericHandler(forwarder, self.catalog.kinds),))

@@ -1,0 +1,38 @@
+"""The proxy's call path, assembled in one place.
+
+Inbound (a grpc.aio server interceptor per listener), outermost first:
+
+    CallEvents      every call's outcome to the sinks (counters; metrics and audit later)
+    DeadlineIntake  too little time left: DEADLINE_EXCEEDED before any work
+    RequestId       the caller's x-request-id, or a new one sent on upstream
+    Identity        who is calling (SPIFFE ID under mTLS, else the peer)
+
+Then the forwarder (mesh/proxy/forward.py), per call:
+
+    route       traffic policy or model -> split, backups, timeout, retry/hedge/resume
+    breaker     the service's circuit breaker (open: go to the backups)
+    balance     the service's picker over healthy, non-ejected endpoints
+    limits      max requests / pending / retries in flight
+    deadline    the caller's remaining time, capped by route and service
+    attempt     retries (A6, budgeted) or hedges for unary calls; resume for token streams
+    report      latency, load report and outcome back to picker, breakers, ejection
+"""
+
+from __future__ import annotations
+
+from aimesh.interceptors.base import Stack
+from aimesh.interceptors.deadline_intake import DeadlineIntake
+from aimesh.interceptors.events import CallEvents, Counters
+from aimesh.interceptors.identity import Identity
+from aimesh.interceptors.request_id import RequestId
+
+
+def inbound_stack(min_deadline: float, counters: Counters) -> Stack:
+    return Stack(
+        [
+            CallEvents([counters]),
+            DeadlineIntake(min_deadline),
+            RequestId(),
+            Identity(),
+        ]
+    )
