@@ -66,6 +66,56 @@ def forwardable(metadata: Any) -> tuple[tuple[str, Any], ...]:
     return headers
 
 
+class Attempt:
+    """One upstream try: tracked while in flight, its outcome reported to the cluster
+    (picker, breakers, ejection) and its concurrency slot given back, however it ends.
+    A caller that goes away cancels it; past the drain grace period that ends the
+    downstream call with UNAVAILABLE. The `except AioRpcError` paths set `code` and
+    `trailers`; success leaves `code` None."""
+
+    __slots__ = ("call", "cluster", "code", "context", "fw", "retry", "started", "trailers", "up")
+
+    def __init__(
+        self,
+        fw: Forwarder,
+        context: Any,
+        cluster: Cluster,
+        up: Upstream,
+        call: Any,
+        *,
+        retry: bool = False,
+    ) -> None:
+        self.fw, self.context, self.cluster, self.up, self.call = fw, context, cluster, up, call
+        self.retry = retry
+        self.code: grpc.StatusCode | None = None
+        self.trailers: Any = None
+        self.started = 0.0
+
+    async def __aenter__(self) -> Attempt:
+        self.fw._track(self.call)
+        self.started = time.perf_counter()
+        return self
+
+    def failed(self, exc: grpc.aio.AioRpcError) -> None:
+        self.code = exc.code()
+        self.trailers = exc.trailing_metadata()
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is asyncio.CancelledError:
+                self.code = grpc.StatusCode.CANCELLED
+                self.call.cancel()
+                if self.fw.aborting:
+                    await _abort_draining(self.context)
+        finally:
+            self.fw._untrack(self.call)
+            limits = self.cluster.limits
+            limits.finish_retry() if self.retry else limits.finish()
+            self.cluster.finished(
+                self.up, time.perf_counter() - self.started, self.code, self.trailers
+            )
+
+
 class Forwarder:
     """Holds the routing table and clusters; builds one handler per (method, call type)."""
 
@@ -238,40 +288,26 @@ class Forwarder:
         call = mc(
             request if requests is None else requests, metadata=forwardable(md), timeout=timeout
         )
-        self._track(call)
-        started = time.perf_counter()
-        code = None
-        trailers = None
         response = None
         sent = False
-        try:
-            if kind == UU or kind == SU:
-                response = await call
-            initial = await call.initial_metadata()
-            if initial:  # an empty send would cost a batch of its own
-                await context.send_initial_metadata(initial)
-                sent = True
-            if kind == US or kind == SS:
-                read, write = call.read, context.write
-                while (msg := await read()) is not EOF:
-                    await write(msg)
-            trailers = await call.trailing_metadata()
-            context.set_trailing_metadata(trailers)
-            return response
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            trailers = exc.trailing_metadata()
-            await self._relay_error(context, exc, headers_sent=sent)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            call.cancel()
-            if self.aborting:
-                await _abort_draining(context)
-            raise
-        finally:
-            self._untrack(call)
-            cluster.limits.finish()
-            cluster.finished(up, time.perf_counter() - started, code, trailers)
+        async with Attempt(self, context, cluster, up, call) as attempt:
+            try:
+                if kind == UU or kind == SU:
+                    response = await call
+                initial = await call.initial_metadata()
+                if initial:  # an empty send would cost a batch of its own
+                    await context.send_initial_metadata(initial)
+                    sent = True
+                if kind == US or kind == SS:
+                    read, write = call.read, context.write
+                    while (msg := await read()) is not EOF:
+                        await write(msg)
+                attempt.trailers = await call.trailing_metadata()
+                context.set_trailing_metadata(attempt.trailers)
+                return response
+            except grpc.aio.AioRpcError as exc:
+                attempt.failed(exc)
+                await self._relay_error(context, exc, headers_sent=sent)
 
     async def _unary_retrying(
         self, path: str, context: Any, request: bytes | None, md: Any, decision: RouteDecision
@@ -315,61 +351,60 @@ class Forwarder:
                 else (*fwd_md, ("grpc-previous-rpc-attempts", str(attempt - 1)))
             )
             call = up.multicallable(path, UU)(request, metadata=headers, timeout=timeout)
-            self._track(call)
-            started = time.perf_counter()
-            code = None
-            trailers = None
-            try:
-                response = await call
-                initial = await call.initial_metadata()
-                if initial:
-                    await context.send_initial_metadata(initial)
-                trailers = await call.trailing_metadata()
-                context.set_trailing_metadata(trailers)
-                return response
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                trailers = exc.trailing_metadata()
-                failed = exc
-                left = None if end is None else end - loop.time()
-                # A per-try timeout that fired before the call's own deadline is retryable.
-                retry_as = code
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED and (left is None or left > 0):
-                    retry_as = grpc.StatusCode.UNAVAILABLE
-                limits = cluster.limits
-                if limits.retries >= limits.max_retries:
-                    limits.rejected["max_retries"] += 1
-                    await self._relay_error(context, exc)  # no room for a retry: fail as is
-                verdict = decide(
-                    policy,
-                    attempt,
-                    retry_as,
-                    _pushback(trailers),
-                    left,
-                    cluster.budget,
-                    self.rng,
-                    backoff_attempt=since_pushback,
-                )
-                if not isinstance(verdict, Retry):
-                    await self._relay_error(context, exc)
-                    raise  # not reached: the relay aborts the call
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                call.cancel()
-                if self.aborting:
-                    await _abort_draining(context)
-                raise
-            finally:
-                self._untrack(call)
-                if attempt == 1:
-                    cluster.limits.finish()
-                else:
-                    cluster.limits.finish_retry()
-                cluster.finished(up, time.perf_counter() - started, code, trailers)
+            async with Attempt(self, context, cluster, up, call, retry=attempt > 1) as try_:
+                try:
+                    response = await call
+                    initial = await call.initial_metadata()
+                    if initial:
+                        await context.send_initial_metadata(initial)
+                    try_.trailers = await call.trailing_metadata()
+                    context.set_trailing_metadata(try_.trailers)
+                    return response
+                except grpc.aio.AioRpcError as exc:
+                    try_.failed(exc)
+                    failed = exc
+                    verdict = await self._retry_verdict(
+                        context, exc, policy, attempt, since_pushback, end, cluster
+                    )
             tried.append(up.address)
             attempt += 1
             since_pushback = 1 if verdict.pushback else since_pushback + 1
             await asyncio.sleep(verdict.delay)
+
+    async def _retry_verdict(
+        self,
+        context: Any,
+        exc: grpc.aio.AioRpcError,
+        policy: Any,
+        attempt: int,
+        since_pushback: int,
+        end: float | None,
+        cluster: Cluster,
+    ) -> Retry:
+        """Whether to retry after `exc`; ends the call with `exc` when not."""
+        left = None if end is None else end - asyncio.get_running_loop().time()
+        # A per-try timeout that fired before the call's own deadline is retryable.
+        retry_as = exc.code()
+        if retry_as == grpc.StatusCode.DEADLINE_EXCEEDED and (left is None or left > 0):
+            retry_as = grpc.StatusCode.UNAVAILABLE
+        limits = cluster.limits
+        if limits.retries >= limits.max_retries:
+            limits.rejected["max_retries"] += 1
+            await self._relay_error(context, exc)  # no room for a retry: fail as is
+        verdict = decide(
+            policy,
+            attempt,
+            retry_as,
+            _pushback(exc.trailing_metadata()),
+            left,
+            cluster.budget,
+            self.rng,
+            backoff_attempt=since_pushback,
+        )
+        if not isinstance(verdict, Retry):
+            await self._relay_error(context, exc)
+            raise AssertionError("not reached: the relay aborts the call")
+        return verdict
 
     async def _unary_hedged(
         self, path: str, context: Any, request: bytes | None, md: Any, decision: RouteDecision
@@ -473,41 +508,27 @@ class Forwarder:
                     )
                 await context.abort(err.code, err.message)
             call = up.multicallable(path, US)(body, metadata=fwd_md, timeout=timeout)
-            self._track(call)
-            started = time.perf_counter()
-            code = None
-            trailers = None
-            try:
-                initial = await call.initial_metadata()
-                if initial and not delivered.headers_sent:
-                    await context.send_initial_metadata(initial)
-                    delivered.headers_sent = True
-                await pump(call, write, delivered, merge=MERGE_STREAMS)
-                trailers = await call.trailing_metadata()
-                context.set_trailing_metadata(trailers)
-                return
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                trailers = exc.trailing_metadata()
-                if delivered.tokens == 0:
-                    # Nothing reached the caller yet: retried like a unary call.
-                    delay = self._stream_retry_delay(decision, exc, len(tried) + 1, cluster)
-                    if delay is None:
+            async with Attempt(self, context, cluster, up, call) as attempt:
+                try:
+                    initial = await call.initial_metadata()
+                    if initial and not delivered.headers_sent:
+                        await context.send_initial_metadata(initial)
+                        delivered.headers_sent = True
+                    await pump(call, write, delivered, merge=MERGE_STREAMS)
+                    attempt.trailers = await call.trailing_metadata()
+                    context.set_trailing_metadata(attempt.trailers)
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    attempt.failed(exc)
+                    if delivered.tokens == 0:
+                        # Nothing reached the caller yet: retried like a unary call.
+                        delay = self._stream_retry_delay(decision, exc, len(tried) + 1, cluster)
+                        if delay is None:
+                            await self._stream_error(context, exc, delivered, decision, up)
+                    elif not self._should_resume(decision, delivered, exc, len(tried)):
                         await self._stream_error(context, exc, delivered, decision, up)
-                elif not self._should_resume(decision, delivered, exc, len(tried)):
-                    await self._stream_error(context, exc, delivered, decision, up)
-                else:
-                    delay = 0.0
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                call.cancel()
-                if self.aborting:
-                    await _abort_draining(context)
-                raise
-            finally:
-                self._untrack(call)
-                cluster.limits.finish()
-                cluster.finished(up, time.perf_counter() - started, code, trailers)
+                    else:
+                        delay = 0.0
             tried.append(up.address)
             if delivered.tokens:
                 self.resumed += 1
