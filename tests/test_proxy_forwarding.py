@@ -290,3 +290,17 @@ async def test_inbound_stack_counts_every_outcome(make_proxy) -> None:  # type: 
     stats = proxy.counters.snapshot()[_path("Unary")]
     assert stats["calls"] == {"OK": 2, "FAILED_PRECONDITION": 1}
     await server.stop(None)
+
+
+async def test_a_service_can_have_a_smaller_message_limit(make_proxy, make_sim: SimFactory) -> None:  # type: ignore[no-untyped-def]
+    sim = await make_sim()
+    proxy = await make_proxy(
+        mesh_doc([{"name": "llm", "models": ["gpt-4"], "maxMessageBytes": 2048}]),
+        extra={"llm": [EndpointAddr(f"127.0.0.1:{sim.port}")]},
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.InferenceStub(ch).Generate(prompt("x" * 4096))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (await pb_grpc.InferenceStub(ch).Generate(prompt("small"))).text
+    assert sim.backend.stats.calls == 1  # the large one never left the proxy

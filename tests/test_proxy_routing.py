@@ -237,3 +237,18 @@ async def test_passive_ejection_of_a_failing_endpoint(make_proxy, make_sim: SimF
     assert failures == 3  # then `bad` is ejected and every call goes to `good`
     assert proxy.clusters["llm"].upstreams[f"127.0.0.1:{bad.port}"].ejected_until > 0
     assert await served_by(proxy, 10) == {"good": 10}
+
+
+async def test_a_new_config_applies_to_the_next_calls(make_proxy, make_sim: SimFactory) -> None:  # type: ignore[no-untyped-def]
+    from aimesh.mesh.config import load_dict
+
+    a, b = await make_sim(instance_id="a"), await make_sim(instance_id="b")
+    extra = {"one": [addr(a)], "two": [addr(b)]}
+    proxy = await make_proxy(
+        mesh_doc([{"name": "one", "models": ["gpt-4"]}, {"name": "two"}]), extra=extra
+    )
+    assert await served_by(proxy, 5) == {"a": 5}
+    proxy.apply(
+        load_dict(mesh_doc([{"name": "one"}, {"name": "two", "models": ["gpt-4"]}]), source="v2")
+    )
+    assert await served_by(proxy, 5) == {"b": 5}

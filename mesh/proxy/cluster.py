@@ -129,6 +129,7 @@ class Cluster:
         self.picker: Picker = make_picker(algorithm, clock=clock, rng=rng or random.Random())
         self.wants_load = algorithm == "load_aware"
         self.timeout: float | None = None  # the service's per-call cap, if its spec sets one
+        self.shape: object = None  # what the proxy built this cluster from (see apply)
         self.rng = rng or random.Random()
         self.budget = RetryBudget(clock=clock)
         self.limits = ConcurrencyLimits(service=name)

@@ -163,17 +163,21 @@ class Proxy:
         for name in sorted(names):
             spec = config.service(name)
             algorithm = spec.load_balancer.algorithm if spec else "least_connections"
+            # What a live cluster cannot change in place: its picker, its channels' message
+            # limit, its health checks. A change there builds the cluster anew.
+            shape = (algorithm, spec.max_message_bytes if spec else None, _health_policy(spec))
             cluster = self.clusters.get(name)
-            if cluster is None or cluster.algorithm != algorithm:
+            if cluster is None or cluster.shape != shape:
                 if cluster is not None:
                     self._retire(cluster)
                 cluster = Cluster(
                     name,
                     algorithm=algorithm,
-                    channel_factory=self._channel_factory,
+                    channel_factory=self._channel_factory_for(spec),
                     outlier=_outlier(spec),
                     rng=random.Random(self.rng.random()),
                 )
+                cluster.shape = shape
                 self.health_checker.attach(cluster, _health_policy(spec))
                 cluster.on_added.append(self._learn)
             else:
@@ -196,6 +200,18 @@ class Proxy:
         for cluster in new.values():
             for up in cluster.upstreams.values():
                 self._learn(cluster, up)
+
+    def _channel_factory_for(self, spec: ServiceSpec | None) -> Any:
+        if spec is None or spec.max_message_bytes is None:
+            return self._channel_factory
+        limit = spec.max_message_bytes
+        return insecure_channel_factory(
+            [
+                *UPSTREAM_OPTIONS,
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ]
+        )
 
     def _retire(self, cluster: Cluster) -> None:
         self._closing += cluster.set_endpoints(())
