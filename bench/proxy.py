@@ -115,7 +115,7 @@ async def run(duration: float) -> dict[str, list[Row]]:
                 {
                     "concurrency": 1,
                     "duration": duration,
-                    "max_tokens": 10,
+                    "max_tokens": 2,  # short streams: many TTFT samples per second
                     "tokens_per_second": 50.0,
                 },
             ),

@@ -510,11 +510,15 @@ class Forwarder:
             call = up.multicallable(path, US)(body, metadata=fwd_md, timeout=timeout)
             async with Attempt(self, context, cluster, up, call) as attempt:
                 try:
+                    # The first chunk is read here, before the pump's reader task exists:
+                    # one task switch less on the way to the caller's first token.
+                    first = await call.read()
                     initial = await call.initial_metadata()
                     if initial and not delivered.headers_sent:
                         await context.send_initial_metadata(initial)
                         delivered.headers_sent = True
-                    await pump(call, write, delivered, merge=MERGE_STREAMS)
+                    if first is not EOF:
+                        await pump(call, write, delivered, merge=MERGE_STREAMS, first=first)
                     attempt.trailers = await call.trailing_metadata()
                     context.set_trailing_metadata(attempt.trailers)
                     return

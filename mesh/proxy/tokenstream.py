@@ -76,6 +76,7 @@ async def pump(
     delivered: Delivered,
     *,
     merge: bool = True,
+    first: bytes | None = None,
 ) -> None:
     """Copies chunks from `call` to `write`, recording each in `delivered`.
 
@@ -83,7 +84,7 @@ async def pump(
     go out as one; a caller that keeps up gets every chunk as it arrives. Raises the
     upstream's AioRpcError if the stream breaks; what was written before stays recorded.
     """
-    backlog: list[bytes] = []
+    backlog: list[bytes] = [first] if first is not None else []
     wake = asyncio.Event()
     room = asyncio.Event()  # cleared while the backlog is full: flow control still holds
     room.set()
