@@ -308,6 +308,7 @@ async def test_breaker_opens_on_a_failing_backend_and_closes_after_recovery(
         llm = next(c for c in snap["clusters"] if c["name"] == "llm")  # type: ignore[index]
         flaky_ep = next(e for e in llm["endpoints"] if e["address"] == flaky.address)
         assert flaky_ep["breaker"]["trips"] >= 1
+        procs.wait_for_output(proxy, f"circuit breaker <Breaker llm/{flaky.address}")
         # Retries stayed within the budget: 20% of calls plus 10 per second over 10 s.
         assert llm["retries"] == llm["retry_budget"]["allowed"] <= 0.2 * ok + 100
         heal = await asyncio.create_subprocess_exec(

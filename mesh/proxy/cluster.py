@@ -6,6 +6,7 @@ pick costs the picker's own work and nothing else.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -36,6 +37,8 @@ ENDPOINT_FAILURES = frozenset(
 )
 
 UU, US, SU, SS = "uu", "us", "su", "ss"
+
+log = logging.getLogger("aimesh.proxy.breaker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,9 +282,9 @@ class Cluster:
         self.picker.finished(up.endpoint, latency=latency, ok=not failed, load=load)
         if code is not grpc.StatusCode.CANCELLED:  # the caller's choice says nothing of health
             if self.breaker is not None:
-                self.breaker.record(not failed)
+                _record(self.breaker, not failed)
             if up.breaker is not None:
-                up.breaker.record(not failed)
+                _record(up.breaker, not failed)
                 if up.breaker.state is State.OPEN and up.breaker.open_until is not None:
                     if up.ejected_until < up.breaker.open_until:
                         up.ejected_until = up.breaker.open_until
@@ -331,6 +334,15 @@ class Cluster:
                 for u in self.upstreams.values()
             ],
         }
+
+
+def _record(breaker: CircuitBreaker, ok: bool) -> None:
+    """Records an outcome; a state change is logged, since operators look for trips."""
+    before = breaker.state
+    breaker.record(ok)
+    if breaker.state is not before:
+        level = logging.WARNING if breaker.state is State.OPEN else logging.INFO
+        log.log(level, "circuit breaker %s: %s -> %s", breaker, before.name, breaker.state.name)
 
 
 def _breaker_view(b: CircuitBreaker | None) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import signal
 import sys
 from collections import defaultdict
@@ -43,6 +44,11 @@ def endpoints_from_flags(flags: list[str]) -> dict[str, list[EndpointAddr]]:
 
 
 async def run(config_path: str, settings: ProxySettings, admin: str | None, grace: float) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="aimesh proxy: %(levelname)s %(message)s",
+    )
     try:
         config = load_file(config_path)
     except ConfigError as exc:
