@@ -16,7 +16,7 @@ from aimesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from aimesh.mesh.proxy.cluster import EndpointAddr
 
 from . import echo
-from .support import SimFactory, mesh_doc, prompt
+from .support import SimFactory, eventually, mesh_doc, prompt
 
 ECHO_DOC = mesh_doc(
     [{"name": "echo"}],
@@ -287,6 +287,12 @@ async def test_inbound_stack_counts_every_outcome(make_proxy) -> None:  # type: 
         for body in (b"ok", b"ok", echo.FAIL):
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await ch.unary_unary(_path("Unary"))(body)
+    # grpc sends an aborted call's status before the handler's stack unwinds, so the
+    # caller can see the error a moment before the counter does.
+    def counted() -> int:
+        return sum(proxy.counters.snapshot().get(_path("Unary"), {}).get("calls", {}).values())
+
+    await eventually(lambda: counted() == 3, what="three calls counted")
     stats = proxy.counters.snapshot()[_path("Unary")]
     assert stats["calls"] == {"OK": 2, "FAILED_PRECONDITION": 1}
     await server.stop(None)
