@@ -287,6 +287,7 @@ async def test_inbound_stack_counts_every_outcome(make_proxy) -> None:  # type: 
         for body in (b"ok", b"ok", echo.FAIL):
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await ch.unary_unary(_path("Unary"))(body)
+
     # grpc sends an aborted call's status before the handler's stack unwinds, so the
     # caller can see the error a moment before the counter does.
     def counted() -> int:
