@@ -29,10 +29,11 @@ proto: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mesh interceptors clients tests bench
-	$(VENV)/bin/ruff format --check mesh interceptors clients/__init__.py clients/inference.py tests bench
+	$(VENV)/bin/ruff format --check mesh interceptors clients/__init__.py clients/inference.py \
+		clients/mesh_channel.py tests bench
 	$(PY) mesh/typecheck_tree.py .
 	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p aimesh.mesh -p aimesh.interceptors \
-		-m aimesh.clients -m aimesh.clients.inference
+		-m aimesh.clients -m aimesh.clients.inference -m aimesh.clients.mesh_channel
 
 bench: $(STAMP)
 	$(PY) -m bench
