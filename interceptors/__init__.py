@@ -10,7 +10,12 @@ Pure decisions (no I/O; clock and rng injected), used by the proxy's call path
 - `limits`: concurrency limits, as Envoy's thresholds (1024 / 1024 / 3).
 - `retry_policy`: a route's retry policy and the retry-or-stop decision.
 
-grpc.aio server interceptors:
+grpc.aio interceptors:
+
+- `base`: `Stack`, the inbound policies (`around(call, call_next)`) as one server
+  interceptor; `deadline_intake`, `request_id`, `identity`, `events` are such policies.
+- `client`: `propagation()`, outbound client interceptors passing on the served call's
+  deadline and request id.
 
 - `decode`: a request that does not parse gets INTERNAL with a message naming the type,
   instead of grpc's UNKNOWN with a Python exception name.
