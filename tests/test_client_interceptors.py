@@ -49,3 +49,46 @@ async def test_a_handler_calling_out_passes_on_deadline_and_request_id() -> None
         await out.close()
         await app.stop(None)
         await backend.stop(None)
+
+
+async def test_retry_and_breaker_interceptors_on_a_plain_channel() -> None:
+    from aimesh.interceptors.breaker import CircuitBreaker, State
+    from aimesh.interceptors.client import BreakerInterceptor, RetryInterceptor
+    from aimesh.interceptors.retry_policy import RetryPolicy
+    from aimesh.mesh.config import RetrySpec
+
+    calls: list[bytes] = []
+    server, port = await echo.start("e", calls)
+    retry = RetryInterceptor(RetryPolicy.from_spec(RetrySpec(attempts=3)))
+    breaker = CircuitBreaker(
+        "echo",
+        error_threshold=0.5,
+        min_requests=100,
+        window=10.0,
+        consecutive_errors=3,
+        open_duration=60.0,
+        max_open_duration=60.0,
+    )
+    # Interceptors run in list order: the breaker sees each try the retry makes.
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", interceptors=[retry, BreakerInterceptor(breaker)]
+    ) as ch:
+        unary = ch.unary_unary(f"/{echo.SERVICE}/Unary")
+        assert await unary(b"fine") == b"u:fine"
+        call = unary(echo.UNAVAILABLE, timeout=5)
+        try:
+            await call
+            raise AssertionError("expected UNAVAILABLE")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+        assert calls.count(echo.UNAVAILABLE) == 3  # the first try and two retries
+        assert retry.retries == 2
+        assert breaker.state is State.OPEN  # three failures in a row
+        try:
+            await unary(b"fine")
+            raise AssertionError("expected the open breaker to refuse")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            assert "is open; not sent" in (exc.details() or "")
+        assert calls.count(b"fine") == 1
+    await server.stop(None)

@@ -66,11 +66,17 @@ def test_stop_matcher_cuts_at_the_first_stop_whatever_the_token_split(
             break
     if not stopped:
         out.append(matcher.flush())
-    full = "".join(tokens)
-    cuts = [i for s in stops if s and (i := full.find(s)) >= 0]
-    expected = full[: min(cuts)] if cuts else full
+    # Generation is checked after every token: at the first token after which some stop
+    # sequence appears in the text, the text is cut where the earliest one starts.
+    expected, hit = "".join(tokens), False
+    for n in range(1, len(tokens) + 1):
+        text = "".join(tokens[:n])
+        cuts = [i for s in stops if s and (i := text.find(s)) >= 0]
+        if cuts:
+            expected, hit = text[: min(cuts)], True
+            break
     assert "".join(out) == expected
-    assert stopped == bool(cuts)
+    assert stopped == hit
 
 
 def test_stop_matcher_holds_back_a_possible_stop_prefix() -> None:
