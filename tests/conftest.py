@@ -11,11 +11,6 @@ import grpc.aio
 import pytest
 from hypothesis import settings
 
-# Property tests explore the same examples on every run (a failure found once is found
-# again, and CI never fails on a fresh draw); no per-example deadline on a loaded machine.
-settings.register_profile("aimesh", derandomize=True, deadline=None)
-settings.load_profile("aimesh")
-
 from aimesh.mesh import procs
 from aimesh.mesh.config import load_dict
 from aimesh.mesh.proxy.cluster import EndpointAddr
@@ -25,6 +20,11 @@ from aimesh.mesh.sim.server import RunningSim, start_sim
 from aimesh.mesh.sim.service import SimConfig
 
 from .support import FAST, SimFactory
+
+# Property tests explore the same examples on every run (a failure found once is found
+# again, and CI never fails on a fresh draw); no per-example deadline on a loaded machine.
+settings.register_profile("aimesh", derandomize=True, deadline=None)
+settings.load_profile("aimesh")
 
 
 @pytest.fixture
