@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from aimesh.inference.v1 import inference_pb2 as pb
+from aimesh.mesh.proxy.cluster import EndpointAddr
 from aimesh.mesh.sim.server import RunningSim
 from aimesh.mesh.sim.service import SimConfig
 
@@ -48,3 +49,31 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+def endpoint(sim: RunningSim) -> EndpointAddr:
+    return EndpointAddr(f"127.0.0.1:{sim.port}")
+
+
+def llm_mesh(
+    sims: Sequence[RunningSim],
+    *,
+    eject_after: int | None = None,
+    health: dict[str, object] | None = None,
+    breaker: dict[str, object] | None = None,
+    retry: dict[str, object] | None = None,
+) -> tuple[dict[str, object], dict[str, list[EndpointAddr]]]:
+    """A mesh of one round-robin service `llm` serving gpt-4 on `sims` (in that order):
+    the document and the endpoints, for `make_proxy(doc, extra=extra)`."""
+    lb: dict[str, object] = {"algorithm": "round_robin"}
+    if eject_after is not None:
+        lb["outlierDetection"] = {"consecutiveErrors": eject_after}
+    if health is not None:
+        lb["healthCheck"] = health
+    service: dict[str, object] = {"name": "llm", "models": ["gpt-4"], "loadBalancer": lb}
+    if breaker is not None:
+        service["circuitBreaker"] = breaker
+    policies = None
+    if retry is not None:
+        policies = [{"name": "all", "routes": [{"destination": "llm"}], "retry": retry}]
+    return mesh_doc([service], policies), {"llm": [endpoint(s) for s in sims]}

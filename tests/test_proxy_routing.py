@@ -16,16 +16,12 @@ from aimesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from aimesh.mesh.proxy.cluster import EndpointAddr
 from aimesh.mesh.proxy.server import Proxy
 from aimesh.mesh.sim.faults import Faults
-from aimesh.mesh.sim.server import RunningSim
 from aimesh.sim.v1 import sim_pb2, sim_pb2_grpc
 
-from .support import SimFactory, eventually, mesh_doc, prompt
+from .support import SimFactory, eventually, llm_mesh, mesh_doc, prompt
+from .support import endpoint as addr
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def addr(sim: RunningSim) -> EndpointAddr:
-    return EndpointAddr(f"127.0.0.1:{sim.port}")
 
 
 async def served_by(
@@ -178,21 +174,8 @@ async def test_unhealthy_endpoint_leaves_within_one_interval_and_returns(
     make_sim: SimFactory,  # type: ignore[no-untyped-def]
 ) -> None:
     a, b = await make_sim(instance_id="a"), await make_sim(instance_id="b")
-    proxy = await make_proxy(
-        mesh_doc(
-            [
-                {
-                    "name": "llm",
-                    "models": ["gpt-4"],
-                    "loadBalancer": {
-                        "algorithm": "round_robin",
-                        "healthCheck": {"interval": "1s", "threshold": 3},
-                    },
-                }
-            ]
-        ),
-        extra={"llm": [addr(a), addr(b)]},
-    )
+    doc, extra = llm_mesh([a, b], health={"interval": "1s", "threshold": 3})
+    proxy = await make_proxy(doc, extra=extra)
     assert await served_by(proxy, 20) == {"a": 10, "b": 10}
     ctl = sim_pb2_grpc.SimControlStub(grpc.aio.insecure_channel(f"127.0.0.1:{a.port}"))
     loop = asyncio.get_running_loop()
@@ -210,21 +193,8 @@ async def test_unhealthy_endpoint_leaves_within_one_interval_and_returns(
 async def test_passive_ejection_of_a_failing_endpoint(make_proxy, make_sim: SimFactory) -> None:  # type: ignore[no-untyped-def]
     good = await make_sim(instance_id="good")
     bad = await make_sim(instance_id="bad", faults=Faults(error_rate=1.0))
-    proxy = await make_proxy(
-        mesh_doc(
-            [
-                {
-                    "name": "llm",
-                    "models": ["gpt-4"],
-                    "loadBalancer": {
-                        "algorithm": "round_robin",
-                        "outlierDetection": {"consecutiveErrors": 3},
-                    },
-                }
-            ]
-        ),
-        extra={"llm": [addr(good), addr(bad)]},
-    )
+    doc, extra = llm_mesh([good, bad], eject_after=3)
+    proxy = await make_proxy(doc, extra=extra)
     failures = 0
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
         stub = pb_grpc.InferenceStub(ch)

@@ -16,7 +16,7 @@ from aimesh.mesh.sim.faults import Faults
 from aimesh.sim.v1 import sim_pb2, sim_pb2_grpc
 
 from . import echo
-from .support import SimFactory, eventually, mesh_doc, prompt
+from .support import SimFactory, eventually, llm_mesh, mesh_doc, prompt
 
 RETRY = {"attempts": 3, "retryOn": ["UNAVAILABLE"], "backoff": {"base": "1ms", "max": "5ms"}}
 
@@ -69,24 +69,8 @@ async def test_a_failed_call_is_retried_on_another_endpoint_with_attempt_count(m
 async def test_retries_reach_a_healthy_endpoint(make_proxy, make_sim: SimFactory) -> None:  # type: ignore[no-untyped-def]
     good = await make_sim(instance_id="good")
     bad = await make_sim(instance_id="bad", faults=Faults(error_rate=1.0))
-    proxy = await make_proxy(
-        mesh_doc(
-            [
-                {
-                    "name": "llm",
-                    "models": ["gpt-4"],
-                    "loadBalancer": {
-                        "algorithm": "round_robin",
-                        "outlierDetection": {"consecutiveErrors": 1000},
-                    },
-                }
-            ],
-            [{"name": "all", "routes": [{"destination": "llm"}], "retry": RETRY}],
-        ),
-        extra={
-            "llm": [EndpointAddr(f"127.0.0.1:{good.port}"), EndpointAddr(f"127.0.0.1:{bad.port}")]
-        },
-    )
+    doc, extra = llm_mesh([good, bad], eject_after=1000, retry=RETRY)
+    proxy = await make_proxy(doc, extra=extra)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
         stub = pb_grpc.InferenceStub(ch)
         served: Counter[str] = Counter()
@@ -125,29 +109,10 @@ async def test_retried_calls_carry_previous_attempts(make_proxy) -> None:  # typ
 
 async def test_retry_budget_stops_a_retry_storm(make_proxy, make_sim: SimFactory) -> None:  # type: ignore[no-untyped-def]
     sims = [await make_sim(instance_id=f"s{i}", faults=Faults(error_rate=1.0)) for i in range(2)]
-    proxy = await make_proxy(
-        mesh_doc(
-            [
-                {
-                    "name": "llm",
-                    "models": ["gpt-4"],
-                    "loadBalancer": {
-                        "algorithm": "round_robin",
-                        "outlierDetection": {"consecutiveErrors": 100000},
-                    },
-                    "circuitBreaker": {"maxRetries": 1000},
-                }
-            ],
-            [
-                {
-                    "name": "all",
-                    "routes": [{"destination": "llm"}],
-                    "retry": {**RETRY, "attempts": 5},
-                }
-            ],
-        ),
-        extra={"llm": [EndpointAddr(f"127.0.0.1:{s.port}") for s in sims]},
+    doc, extra = llm_mesh(
+        sims, eject_after=100000, breaker={"maxRetries": 1000}, retry={**RETRY, "attempts": 5}
     )
+    proxy = await make_proxy(doc, extra=extra)
     n = 300
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
         stub = pb_grpc.InferenceStub(ch)
@@ -173,33 +138,17 @@ async def test_breaker_opens_on_errors_moves_traffic_and_closes_after_recovery(
 ) -> None:
     good = await make_sim(instance_id="good")
     flaky = await make_sim(instance_id="flaky", faults=Faults(error_rate=0.6), seed=3)
-    proxy = await make_proxy(
-        mesh_doc(
-            [
-                {
-                    "name": "llm",
-                    "models": ["gpt-4"],
-                    "loadBalancer": {
-                        "algorithm": "round_robin",
-                        "outlierDetection": {"consecutiveErrors": 100000},
-                    },
-                    "circuitBreaker": {
-                        "enabled": True,
-                        "errorThreshold": "50%",
-                        "minRequests": 10,
-                        "window": "5s",
-                        "consecutiveErrors": 100,
-                        "openDuration": "300ms",
-                        "maxOpenDuration": "1s",
-                    },
-                }
-            ],
-            [{"name": "all", "routes": [{"destination": "llm"}], "retry": RETRY}],
-        ),
-        extra={
-            "llm": [EndpointAddr(f"127.0.0.1:{good.port}"), EndpointAddr(f"127.0.0.1:{flaky.port}")]
-        },
-    )
+    breaker = {
+        "enabled": True,
+        "errorThreshold": "50%",
+        "minRequests": 10,
+        "window": "5s",
+        "consecutiveErrors": 100,
+        "openDuration": "300ms",
+        "maxOpenDuration": "1s",
+    }
+    doc, extra = llm_mesh([good, flaky], eject_after=100000, breaker=breaker, retry=RETRY)
+    proxy = await make_proxy(doc, extra=extra)
     up = proxy.clusters["llm"].upstreams[f"127.0.0.1:{flaky.port}"]
     assert up.breaker is not None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
@@ -312,24 +261,8 @@ async def test_a_stream_that_fails_before_its_first_chunk_is_retried(
 ) -> None:
     good = await make_sim(instance_id="good")
     bad = await make_sim(instance_id="bad", faults=Faults(error_rate=1.0))
-    proxy = await make_proxy(
-        mesh_doc(
-            [
-                {
-                    "name": "llm",
-                    "models": ["gpt-4"],
-                    "loadBalancer": {
-                        "algorithm": "round_robin",
-                        "outlierDetection": {"consecutiveErrors": 1000},
-                    },
-                }
-            ],
-            [{"name": "all", "routes": [{"destination": "llm"}], "retry": RETRY}],
-        ),
-        extra={
-            "llm": [EndpointAddr(f"127.0.0.1:{bad.port}"), EndpointAddr(f"127.0.0.1:{good.port}")]
-        },
-    )
+    doc, extra = llm_mesh([bad, good], eject_after=1000, retry=RETRY)
+    proxy = await make_proxy(doc, extra=extra)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.ports['listen']}") as ch:
         stub = pb_grpc.InferenceStub(ch)
         for i in range(6):
