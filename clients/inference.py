@@ -84,21 +84,37 @@ def instance_of(metadata: Any) -> str:
     return ""
 
 
-class InferenceClient:
-    """Blocking client over a `grpc.Channel`."""
+class _ClientBase:
+    """What the blocking and the asyncio client share: defaults applied to every call."""
 
     def __init__(
         self,
-        channel: grpc.Channel,
+        channel: grpc.Channel | grpc.aio.Channel,
         *,
         model: str = "",
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> None:
-        self.stub = pb_grpc.InferenceStub(channel)
+        # Typed per subclass by the methods; the generated stub is sync or async by channel.
+        self.stub: Any = pb_grpc.InferenceStub(channel)  # type: ignore[arg-type]
         self.model = model
         self.timeout = timeout
         self.metadata = tuple(metadata)
+
+    def _request(self, prompt: Prompt, model: str, options: GenerateOptions) -> pb.GenerateRequest:
+        return build_request(prompt, model=model or self.model, **options)
+
+    def _embed_request(self, inputs: Sequence[str], model: str, dimensions: int) -> pb.EmbedRequest:
+        return pb.EmbedRequest(
+            model=model or self.model, inputs=list(inputs), dimensions=dimensions
+        )
+
+    def _call_options(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": timeout or self.timeout, "metadata": self.metadata}
+
+
+class InferenceClient(_ClientBase):
+    """Blocking client over a `grpc.Channel`."""
 
     def generate(
         self,
@@ -108,10 +124,8 @@ class InferenceClient:
         timeout: float | None = None,
         **options: Unpack[GenerateOptions],
     ) -> pb.GenerateResponse:
-        req = build_request(prompt, model=model or self.model, **options)
-        response: pb.GenerateResponse = self.stub.Generate(
-            req, timeout=timeout or self.timeout, metadata=self.metadata
-        )
+        req = self._request(prompt, model, options)
+        response: pb.GenerateResponse = self.stub.Generate(req, **self._call_options(timeout))
         return response
 
     def stream(
@@ -122,10 +136,8 @@ class InferenceClient:
         timeout: float | None = None,
         **options: Unpack[GenerateOptions],
     ) -> Iterator[pb.GenerateChunk]:
-        req = build_request(prompt, model=model or self.model, **options)
-        call = self.stub.GenerateStream(
-            req, timeout=timeout or self.timeout, metadata=self.metadata
-        )
+        req = self._request(prompt, model, options)
+        call = self.stub.GenerateStream(req, **self._call_options(timeout))
         try:
             yield from call
         finally:
@@ -139,15 +151,13 @@ class InferenceClient:
         dimensions: int = 0,
         timeout: float | None = None,
     ) -> pb.EmbedResponse:
-        req = pb.EmbedRequest(model=model or self.model, inputs=list(inputs), dimensions=dimensions)
-        response: pb.EmbedResponse = self.stub.Embed(
-            req, timeout=timeout or self.timeout, metadata=self.metadata
-        )
+        req = self._embed_request(inputs, model, dimensions)
+        response: pb.EmbedResponse = self.stub.Embed(req, **self._call_options(timeout))
         return response
 
     def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         resp: pb.ListModelsResponse = self.stub.ListModels(
-            pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self.metadata
+            pb.ListModelsRequest(), **self._call_options(timeout)
         )
         return list(resp.models)
 
@@ -178,21 +188,8 @@ class TokenStream:
         return bool(self.call.cancel())
 
 
-class AsyncInferenceClient:
+class AsyncInferenceClient(_ClientBase):
     """Asyncio client over a `grpc.aio.Channel`."""
-
-    def __init__(
-        self,
-        channel: grpc.aio.Channel,
-        *,
-        model: str = "",
-        timeout: float | None = None,
-        metadata: Metadata = (),
-    ) -> None:
-        self.stub = pb_grpc.InferenceStub(channel)
-        self.model = model
-        self.timeout = timeout
-        self.metadata = tuple(metadata)
 
     async def generate(
         self,
@@ -202,10 +199,8 @@ class AsyncInferenceClient:
         timeout: float | None = None,
         **options: Unpack[GenerateOptions],
     ) -> pb.GenerateResponse:
-        req = build_request(prompt, model=model or self.model, **options)
-        response: pb.GenerateResponse = await self.stub.Generate(
-            req, timeout=timeout or self.timeout, metadata=self.metadata
-        )
+        req = self._request(prompt, model, options)
+        response: pb.GenerateResponse = await self.stub.Generate(req, **self._call_options(timeout))
         return response
 
     def stream(
@@ -216,10 +211,8 @@ class AsyncInferenceClient:
         timeout: float | None = None,
         **options: Unpack[GenerateOptions],
     ) -> TokenStream:
-        req = build_request(prompt, model=model or self.model, **options)
-        return TokenStream(
-            self.stub.GenerateStream(req, timeout=timeout or self.timeout, metadata=self.metadata)
-        )
+        req = self._request(prompt, model, options)
+        return TokenStream(self.stub.GenerateStream(req, **self._call_options(timeout)))
 
     async def embed(
         self,
@@ -229,14 +222,12 @@ class AsyncInferenceClient:
         dimensions: int = 0,
         timeout: float | None = None,
     ) -> pb.EmbedResponse:
-        req = pb.EmbedRequest(model=model or self.model, inputs=list(inputs), dimensions=dimensions)
-        response: pb.EmbedResponse = await self.stub.Embed(
-            req, timeout=timeout or self.timeout, metadata=self.metadata
-        )
+        req = self._embed_request(inputs, model, dimensions)
+        response: pb.EmbedResponse = await self.stub.Embed(req, **self._call_options(timeout))
         return response
 
     async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         resp: pb.ListModelsResponse = await self.stub.ListModels(
-            pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self.metadata
+            pb.ListModelsRequest(), **self._call_options(timeout)
         )
         return list(resp.models)
