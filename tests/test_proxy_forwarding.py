@@ -106,7 +106,9 @@ async def test_deadline_reaches_the_backend_reduced(echo_via_proxy: grpc.aio.Cha
     call = echo_via_proxy.unary_unary(_path("Unary"))(b"x", timeout=0.3)
     await call
     seen = int(dict(await call.trailing_metadata())["x-deadline-ms"])
-    assert 0 < seen < 300
+    # Never more than the caller gave: the hop's time is taken off, though grpc rounds the
+    # encoded timeout up to the next millisecond (so "300" can still arrive).
+    assert 0 < seen <= 300
 
 
 async def test_proxy_answers_health_for_itself(echo_via_proxy: grpc.aio.Channel) -> None:
