@@ -6,7 +6,7 @@
 The format is documented field by field in docs/config.md.
 """
 
-from .load import MAX_ATTEMPTS, load_dict, load_file, load_text
+from .load import MAX_ATTEMPTS, is_dns_label, load_dict, load_file, load_text, parse_host_port
 from .schema import (
     ALGORITHMS,
     API_VERSION,
@@ -60,6 +60,8 @@ __all__ = [
     "load_dict",
     "load_file",
     "load_text",
+    "parse_host_port",
+    "is_dns_label",
     "run_validate",
     "summary",
 ]

@@ -904,3 +904,17 @@ def load_file(path: str | Path) -> MeshConfig:
     except UnicodeDecodeError as exc:
         raise ConfigError([f"not UTF-8 text: {exc}"], source=str(path)) from exc
     return load_text(text, str(path))
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """'10.0.0.3:9000' -> ('10.0.0.3', 9000); ValueError says what is wrong, as the YAML's
+    endpoint addresses are checked (the registry checks instance addresses the same way)."""
+    try:
+        return _host_port(text)
+    except _Invalid as exc:
+        raise ValueError(str(exc)) from None
+
+
+def is_dns_label(text: str) -> bool:
+    """Service names are DNS-1123 labels, in the YAML and in the registry alike."""
+    return _LABEL.fullmatch(text) is not None

@@ -1,0 +1,1 @@
+"""The aimesh control plane: registry, declarative config and status (`aimesh control-plane`)."""
