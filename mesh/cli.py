@@ -7,6 +7,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -114,6 +115,20 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="with --die-after-tokens: crash the whole process instead",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for fault decisions")
+    reg = p.add_argument_group("registration with the control plane")
+    reg.add_argument(
+        "--control-plane",
+        default=None,
+        metavar="ADDR",
+        help="register there (HOST:PORT[,HOST:PORT]) and deregister on SIGTERM",
+    )
+    reg.add_argument(
+        "--service", default="", help="mesh service to register as (default: the first model)"
+    )
+    reg.add_argument("--zone", default="", help="zone or region label")
+    reg.add_argument("--version", dest="build_version", default="", help="version label, e.g. v2")
+    reg.add_argument("--weight", type=int, default=1, help="relative share of traffic (default 1)")
+    reg.add_argument("--ttl", type=_duration, default=5.0, help="lease ttl (default 5s)")
     p.add_argument(
         "--grace",
         type=_duration,
@@ -148,7 +163,40 @@ def _cmd_backend_sim(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"aimesh backend sim: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    runtime.run(serve(config, args.listen, faults=faults, seed=args.seed, grace=args.grace))
+    registration = None
+    if args.control_plane:
+        from .config import is_dns_label
+        from .sim.server import Registration
+
+        service = args.service or args.models[0].lower().replace(".", "-").replace("_", "-")
+        if not is_dns_label(service):
+            print(
+                f"aimesh backend sim: --service {service!r} is not a DNS label (lowercase "
+                "letters, digits and '-'); pass --service NAME",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        if args.weight < 1:
+            print("aimesh backend sim: --weight must be at least 1", file=sys.stderr)
+            return EXIT_USAGE
+        registration = Registration(
+            control_plane=args.control_plane,
+            service=service,
+            zone=args.zone,
+            version=args.build_version,
+            weight=args.weight,
+            ttl=args.ttl,
+        )
+    runtime.run(
+        serve(
+            config,
+            args.listen,
+            faults=faults,
+            seed=args.seed,
+            grace=args.grace,
+            registration=registration,
+        )
+    )
     return 0
 
 
@@ -268,6 +316,12 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"aimesh proxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if not args.config and not args.control_plane:
+        print(
+            "aimesh proxy: give --config FILE, --control-plane ADDR, or both",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if args.mode == "sidecar" and not (args.inbound and args.local_app):
         print(
             "aimesh proxy: --mode sidecar needs --inbound HOST:PORT and --local-app HOST:PORT",
@@ -283,7 +337,16 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
         extra_endpoints=extra,
         seed=args.seed,
     )
-    return runtime.run(run(args.config, settings, args.admin, args.grace))
+    mesh = None
+    if args.control_plane:
+        from .proxy.main import ControlPlaneSettings, default_cache
+
+        mesh = ControlPlaneSettings(
+            address=args.control_plane,
+            cache=Path(args.cache) if args.cache else default_cache(args.listen),
+            proxy_id=args.proxy_id or f"{args.mode}@{args.listen}",
+        )
+    return runtime.run(run(args.config, settings, args.admin, args.grace, mesh))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,7 +401,27 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1:8443",
         help="HOST:PORT callers use (sidecar: the local app's outbound side)",
     )
-    proxy.add_argument("--config", "-f", required=True, help="ServiceMesh YAML file")
+    proxy.add_argument(
+        "--config",
+        "-f",
+        default=None,
+        help="ServiceMesh YAML file (with --control-plane: used until the control plane has one)",
+    )
+    proxy.add_argument(
+        "--control-plane",
+        default=None,
+        metavar="ADDR",
+        help="follow catalog and config from the control plane (HOST:PORT[,HOST:PORT] replicas)",
+    )
+    proxy.add_argument(
+        "--cache",
+        default=None,
+        metavar="FILE",
+        help="with --control-plane: keep the last good catalog and config here, and start "
+        "from it when the control plane is unreachable (default: a file per listen address "
+        "under $XDG_CACHE_HOME/aimesh)",
+    )
+    proxy.add_argument("--proxy-id", default="", help="name in reports (default mode@listen)")
     proxy.add_argument("--admin", default=None, help="HOST:PORT for the HTTP admin endpoint")
     proxy.add_argument("--mode", choices=["gateway", "sidecar"], default="gateway")
     proxy.add_argument("--inbound", default=None, help="sidecar: HOST:PORT the mesh calls")
@@ -372,6 +455,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("-f", "--file", required=True)
 
+    cp = sub.add_parser(
+        "control-plane",
+        help="run the control plane: registry, config, status (and DNS)",
+        description="Serve the mesh's registry, declarative config and topology over gRPC.",
+    )
+    cp.add_argument(
+        "--listen", default="127.0.0.1:15010", help="HOST:PORT (default 127.0.0.1:15010)"
+    )
+    cp.add_argument(
+        "--store",
+        default=None,
+        help="memory | sqlite:PATH (default: under $XDG_STATE_HOME/aimesh) | etcd://HOST:PORT[,...]",
+    )
+    cp.add_argument("--admin", default=None, help="HOST:PORT for the HTTP admin endpoint")
+    cp.add_argument("--dns", default=None, help="HOST:PORT to answer DNS (SRV, A) for services")
+    cp.add_argument("--mesh-domain", default="mesh.local", help="DNS domain (default mesh.local)")
+    from .control.cli import add_parsers as add_control_parsers
+
+    add_control_parsers(sub)
+
     demo = sub.add_parser("demo", help="a local setup of sim backends with a streamed answer")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--once", action="store_true", help="exit after the demo answer")
@@ -395,6 +498,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .config import run_validate
 
             return run_validate(args.file, sys.stdout, sys.stderr)
+        if args.command == "control-plane":
+            from .control.main import default_store
+            from .control.main import run as run_control_plane
+
+            return runtime.run(
+                run_control_plane(
+                    args.listen,
+                    args.store or default_store(),
+                    args.admin,
+                    args.dns,
+                    args.mesh_domain,
+                )
+            )
+        if args.command in ("apply", "get", "status", "deregister"):
+            from .control.cli import run as run_control_cli
+
+            return run_control_cli(args)
         if args.command == "demo":
             from .demo import run_demo
 

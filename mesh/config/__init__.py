@@ -57,11 +57,11 @@ __all__ = [
     "SecuritySpec",
     "ServiceSpec",
     "TrafficPolicy",
+    "is_dns_label",
     "load_dict",
     "load_file",
     "load_text",
     "parse_host_port",
-    "is_dns_label",
     "run_validate",
     "summary",
 ]

@@ -55,6 +55,11 @@ class Conflict(Exception):
         self.live = live
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached (etcd down or partitioned); callers get UNAVAILABLE and
+    retry, and the control plane keeps serving what it last knew."""
+
+
 class StoreEvents(Protocol):
     def catalog_reset(self, version: int, instances: Iterable[Instance]) -> None: ...
 

@@ -62,11 +62,14 @@ class Upstream:
         "_mc",
         "active_healthy",
         "breaker",
+        "calls",
         "channel",
         "consecutive_failures",
         "ejected_until",
         "ejections",
         "endpoint",
+        "failures",
+        "latency_sum",
     )
 
     def __init__(self, endpoint: Endpoint, channel: grpc.aio.Channel) -> None:
@@ -77,6 +80,10 @@ class Upstream:
         self.ejected_until = 0.0
         self.ejections = 0
         self.breaker: CircuitBreaker | None = None  # per endpoint, when the service has one
+        # Cumulative, for the control plane's topology view (it takes differences).
+        self.calls = 0
+        self.failures = 0
+        self.latency_sum = 0.0
         self._mc: dict[tuple[str, str], Any] = {}
 
     @property
@@ -273,6 +280,9 @@ class Cluster:
     ) -> None:
         """Reports a call's end: balancer state, and passive outlier detection."""
         failed = code in ENDPOINT_FAILURES
+        up.calls += 1
+        up.failures += failed
+        up.latency_sum += latency
         load = None
         if self.wants_load and trailers:
             for key, value in trailers:

@@ -5,17 +5,24 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..admin import AdminServer, json_response, text_response
-from ..config import load_file, summary
+from ..config import MeshConfig, load_dict, load_file, load_text, summary
+from ..control.catalog import Snapshot
+from ..control.client import MeshState, MeshWatcher, Reporter
 from ..errors import ConfigError
 from ..serving import stop_on_signals
 from .cluster import EndpointAddr
 from .server import Proxy, ProxySettings
+
+log = logging.getLogger("aimesh.proxy")
 
 
 def parse_endpoint_flag(text: str) -> tuple[str, EndpointAddr]:
@@ -43,14 +50,81 @@ def endpoints_from_flags(flags: list[str]) -> dict[str, list[EndpointAddr]]:
     return dict(out)
 
 
-async def run(config_path: str, settings: ProxySettings, admin: str | None, grace: float) -> int:
+@dataclass(frozen=True)
+class ControlPlaneSettings:
+    address: str  # HOST:PORT[,HOST:PORT...]
+    cache: Path | None
+    proxy_id: str
+
+
+def default_cache(listen: str, env: Mapping[str, str] = os.environ) -> Path:
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    name = "".join(c if c.isalnum() else "-" for c in listen)
+    return Path(base) / "aimesh" / f"proxy-{name}.json"
+
+
+EMPTY = {
+    "apiVersion": "mesh.ai/v1",
+    "kind": "ServiceMesh",
+    "metadata": {"name": "empty"},
+    "spec": {},
+}
+
+
+def discovered(state: MeshState) -> tuple[dict[str, list[EndpointAddr]], dict[str, str]]:
+    """The catalog as the proxy uses it: serving instances' endpoints by service, and the
+    models they serve."""
+    endpoints: dict[str, list[EndpointAddr]] = {}
+    for inst in state.instances.values():
+        if inst.serving:
+            endpoints.setdefault(inst.service, []).append(
+                EndpointAddr(inst.address, inst.weight, inst.zone)
+            )
+    models = Snapshot(state.catalog_version, state.instances).models()
+    return endpoints, models
+
+
+def follow(proxy: Proxy, mesh: ControlPlaneSettings, fallback: MeshConfig) -> MeshWatcher:
+    """Wires a watcher to the proxy: config and catalog changes become live as they come."""
+
+    def on_config(state: MeshState) -> None:
+        try:
+            config = load_text(
+                state.config_document, source=state.config_source or "<control-plane>"
+            )
+        except ConfigError as exc:
+            log.error(
+                "control plane config v%d rejected, keeping the live one: %s",
+                state.config_version,
+                exc,
+            )
+            raise
+        proxy.apply(config)
+        proxy.config_version = state.config_version
+        log.info("config v%d (%s) live", state.config_version, config.metadata.name)
+
+    def on_catalog(state: MeshState) -> None:
+        endpoints, models = discovered(state)
+        proxy.set_discovered(endpoints, models)
+        proxy.catalog_version = state.catalog_version
+
+    return MeshWatcher(mesh.address, on_catalog=on_catalog, on_config=on_config, cache=mesh.cache)
+
+
+async def run(
+    config_path: str | None,
+    settings: ProxySettings,
+    admin: str | None,
+    grace: float,
+    mesh: ControlPlaneSettings | None = None,
+) -> int:
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format="aimesh proxy: %(levelname)s %(message)s",
     )
     try:
-        config = load_file(config_path)
+        config = load_file(config_path) if config_path else load_dict(EMPTY, source="<empty>")
     except ConfigError as exc:
         print(f"aimesh proxy: {exc}", file=sys.stderr)
         return 2
@@ -61,6 +135,13 @@ async def run(config_path: str, settings: ProxySettings, admin: str | None, grac
         print(f"aimesh proxy: warning: {w}", file=sys.stderr)
     proxy = Proxy(settings)
     await proxy.start(config)
+    watcher = reporter = None
+    if mesh is not None:
+        watcher = follow(proxy, mesh, config)
+        watcher.load_cache()
+        watcher.start()
+        reporter = Reporter(mesh.address, mesh.proxy_id, proxy.endpoint_reports)
+        reporter.start()
     # Everything allocated so far (modules, descriptors, config) lives as long as the
     # process: keep it out of the garbage collector's scans, which otherwise show up as
     # millisecond pauses in the latency tail.
@@ -76,6 +157,15 @@ async def run(config_path: str, settings: ProxySettings, admin: str | None, grac
                 "/config": lambda: text_response(
                     summary(proxy.config) + "\n" if proxy.config else "no config\n"
                 ),
+                "/mesh": lambda: json_response(
+                    {
+                        "control_plane": mesh.address if mesh else None,
+                        "connected": watcher.connected.is_set() if watcher else False,
+                        "catalog_version": proxy.catalog_version,
+                        "config_version": proxy.config_version,
+                        "reconnects": watcher.reconnects if watcher else 0,
+                    }
+                ),
             }
         )
         await admin_server.start(admin)
@@ -83,6 +173,9 @@ async def run(config_path: str, settings: ProxySettings, admin: str | None, grac
     loop = asyncio.get_running_loop()
 
     def reload() -> None:
+        if config_path is None:
+            print("aimesh proxy: SIGHUP ignored: no --config file", file=sys.stderr, flush=True)
+            return
         try:
             new = load_file(config_path)
         except (ConfigError, OSError) as exc:
@@ -109,8 +202,15 @@ async def run(config_path: str, settings: ProxySettings, admin: str | None, grac
     if admin_server is not None:
         parts.append(f"admin on http://{admin.rpartition(':')[0]}:{admin_server.port}/clusters")  # type: ignore[union-attr]
     clusters = ", ".join(f"{c.name} ({len(c.upstreams)})" for c in proxy.clusters.values())
-    print("; ".join(parts) + f"; config {Path(config_path).name}: {clusters}", flush=True)
+    source = Path(config_path).name if config_path else "none"
+    if mesh is not None:
+        parts.append(f"control plane {mesh.address}")
+    print("; ".join(parts) + f"; config {source}: {clusters or 'no services yet'}", flush=True)
     await stop.wait()
+    if reporter is not None:
+        await reporter.stop()
+    if watcher is not None:
+        await watcher.stop()
     print(f"aimesh proxy: draining (grace {grace:g}s)", file=sys.stderr, flush=True)
     if admin_server is not None:
         await admin_server.stop()

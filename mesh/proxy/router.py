@@ -57,7 +57,9 @@ class RouteDecision:
 
 
 class Router:
-    def __init__(self, config: MeshConfig) -> None:
+    def __init__(self, config: MeshConfig, discovered_models: Mapping[str, str] = {}) -> None:
+        """`discovered_models`: model -> service, from the instances registered with the
+        control plane; a model the config names itself keeps the config's service."""
         self.config = config
         self._policies: list[tuple[Any, RouteDecision]] = [
             (
@@ -81,6 +83,9 @@ class Router:
         for s in config.services:
             for m in s.models:
                 self._by_model[m] = RouteDecision(policy=f"model:{m}", destinations=((s.name, 1),))
+        for m, service in discovered_models.items():
+            if m not in self._by_model:
+                self._by_model[m] = RouteDecision(policy=f"model:{m}", destinations=((service, 1),))
         # Reading headers and the model costs per call; do it only if some rule looks at them.
         self.uses_headers = any(m is not None and m.headers for m, _ in self._policies)
         self.uses_model = bool(self._by_model) or any(

@@ -146,19 +146,25 @@ class Proxy:
         self.ports: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing: list[grpc.aio.Channel] = []
+        # From the control plane's catalog: endpoints by service, and model -> service.
+        self.discovered: dict[str, list[EndpointAddr]] = {}
+        self.discovered_models: dict[str, str] = {}
+        self.catalog_version = 0  # of the control plane's catalog and config now live
+        self.config_version = 0
 
     # -- configuration ------------------------------------------------------------------
 
     def _endpoints_for(self, name: str, spec: ServiceSpec | None) -> list[EndpointAddr]:
         eps = [EndpointAddr(e.address, e.weight, e.zone) for e in (spec.endpoints if spec else ())]
         eps += list(self.settings.extra_endpoints.get(name, ()))
+        eps += self.discovered.get(name, ())
         return eps
 
     def apply(self, config: MeshConfig) -> None:
         """Makes `config` live: clusters are created, updated or removed; calls in flight
         keep their upstream. `config` is already validated (load_* raised otherwise)."""
         names = {s.name for s in config.services} | set(config.destinations())
-        names |= set(self.settings.extra_endpoints)
+        names |= set(self.settings.extra_endpoints) | set(self.discovered)
         new: dict[str, Cluster] = {}
         for name in sorted(names):
             spec = config.service(name)
@@ -191,7 +197,7 @@ class Proxy:
                 self._retire(cluster)
         self.clusters = new
         self.config = config
-        router = Router(config)
+        router = Router(config, self.discovered_models)
         if self.forwarder is None:
             self.forwarder = Forwarder(router, new, rng=self.rng)
             self.forwarder.min_deadline = self.settings.min_deadline
@@ -200,6 +206,28 @@ class Proxy:
         for cluster in new.values():
             for up in cluster.upstreams.values():
                 self._learn(cluster, up)
+
+    def set_discovered(
+        self, endpoints: Mapping[str, Sequence[EndpointAddr]], models: Mapping[str, str]
+    ) -> None:
+        """Makes the control plane's catalog live. Only the clusters whose endpoints
+        changed are touched, unless a service appeared or went, or models moved: then the
+        routes are rebuilt too. Calls in flight keep their upstream either way."""
+        old_names = set(self.discovered)
+        old_models = self.discovered_models
+        old = self.discovered
+        self.discovered = {k: list(v) for k, v in endpoints.items()}
+        self.discovered_models = dict(models)
+        if self.config is None:
+            return
+        if set(self.discovered) - set(self.clusters) or old_models != self.discovered_models:
+            self.apply(self.config)
+            return
+        for name in old_names | set(self.discovered):
+            if old.get(name) != self.discovered.get(name) and name in self.clusters:
+                self._closing += self.clusters[name].set_endpoints(
+                    self._endpoints_for(name, self.config.service(name))
+                )
 
     def _channel_factory_for(self, spec: ServiceSpec | None) -> Any:
         if spec is None or spec.max_message_bytes is None:
@@ -297,6 +325,23 @@ class Proxy:
             *(ch.close(None) for ch in channels + self._closing), return_exceptions=True
         )
         return cut
+
+    def endpoint_reports(self) -> list[Any]:
+        """Cumulative counters per endpoint, for the control plane's topology view."""
+        from aimesh.control.v1 import control_plane_pb2 as cp_pb
+
+        return [
+            cp_pb.EndpointReport(
+                service=c.name,
+                address=u.address,
+                requests=u.calls,
+                errors=u.failures,
+                latency_seconds_total=u.latency_sum,
+                healthy=u.active_healthy and u.ejected_until <= c.clock(),
+            )
+            for c in self.clusters.values()
+            for u in c.upstreams.values()
+        ]
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {

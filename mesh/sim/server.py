@@ -6,6 +6,7 @@ import asyncio
 import random
 import sys
 from dataclasses import dataclass, replace
+from typing import Any
 
 import grpc
 
@@ -19,6 +20,18 @@ from .service import InferenceService, SimBackend, SimConfig, SimControlService
 
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 SIM_CONTROL = sim_pb2.DESCRIPTOR.services_by_name["SimControl"].full_name
+
+
+@dataclass(frozen=True)
+class Registration:
+    """How a sim instance registers itself with the control plane."""
+
+    control_plane: str
+    service: str
+    zone: str = ""
+    version: str = ""
+    weight: int = 1
+    ttl: float = 5.0
 
 
 @dataclass
@@ -69,13 +82,20 @@ async def serve(
     faults: Faults | None = None,
     seed: int | None = None,
     grace: float = 10.0,
+    registration: Registration | None = None,
 ) -> None:
-    """Serves until SIGTERM/SIGINT, then drains for up to `grace` seconds."""
+    """Serves until SIGTERM/SIGINT, then drains for up to `grace` seconds. With a
+    `registration`, the instance registers itself once serving and deregisters first
+    thing on SIGTERM, so proxies stop sending before the drain begins."""
     sim = await start_sim(config, listen, faults=faults, seed=seed)
+    registrar = None
+    host = listen.rpartition(":")[0]
+    if registration is not None:
+        registrar = _registrar(registration, sim, f"{host}:{sim.port}")
+        registrar.start()
     stop = asyncio.Event()
     stop_on_signals(stop)
     c = sim.backend.config
-    host = listen.rpartition(":")[0]
     print(
         f"aimesh sim backend {c.instance_id} listening on {host}:{sim.port}: "
         f"models {', '.join(c.models)}; {c.slots} slots, queue {c.max_queue}; "
@@ -83,6 +103,8 @@ async def serve(
         flush=True,
     )
     await stop.wait()
+    if registrar is not None:
+        await registrar.stop(deregister=True)
     p = sim.backend.pool
     print(
         f"aimesh sim backend {c.instance_id}: draining ({p.active} active, {p.queued} queued, "
@@ -93,3 +115,35 @@ async def serve(
     cut = await sim.stop(grace)
     note = f" ({cut} calls cut short after the grace period)" if cut else ""
     print(f"aimesh sim backend {c.instance_id}: stopped{note}", file=sys.stderr, flush=True)
+
+
+def _registrar(reg: Registration, sim: RunningSim, address: str) -> Any:
+    from aimesh.control.v1 import control_plane_pb2 as cp_pb
+
+    from ..control.client import Registrar
+
+    c = sim.backend.config
+    registrar = Registrar(
+        reg.control_plane,
+        cp_pb.Instance(
+            service=reg.service,
+            address=address,
+            instance_id=c.instance_id,
+            models=c.models,
+            version=reg.version,
+            zone=reg.zone,
+            weight=reg.weight,
+            serving=True,
+        ),
+        ttl=reg.ttl,
+    )
+    # Health changes (SimControl.SetServing, drain) reach the catalog at once.
+    previous = sim.backend.on_serving_change
+
+    async def on_change(serving: bool) -> None:
+        if previous is not None:
+            await previous(serving)
+        registrar.set_serving(serving)
+
+    sim.backend.on_serving_change = on_change
+    return registrar

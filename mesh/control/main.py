@@ -1,0 +1,127 @@
+"""`aimesh control-plane`: serve the registry, config and status until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from ..admin import AdminServer, Response, json_response, text_response
+from ..serving import host_of, stop_on_signals
+from .server import ControlPlane, ControlPlaneServer
+from .store import EmbeddedStore, Store
+
+
+def default_store(env: Mapping[str, str] = os.environ) -> str:
+    state = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return f"sqlite:{Path(state) / 'aimesh' / 'control-plane.db'}"
+
+
+def make_store(spec: str) -> Store:
+    """'memory', 'sqlite:PATH' or 'etcd://HOST:PORT[,HOST:PORT...]' (ValueError otherwise)."""
+    if spec == "memory":
+        return EmbeddedStore(None)
+    if spec.startswith("sqlite:"):
+        path = spec.removeprefix("sqlite:")
+        if not path:
+            raise ValueError("--store sqlite:PATH needs a file path")
+        return EmbeddedStore(Path(path).expanduser())
+    if spec.startswith("etcd://"):
+        from .etcd_store import EtcdStore
+
+        endpoints = spec.removeprefix("etcd://").rstrip("/")
+        if not endpoints:
+            raise ValueError("--store etcd://HOST:PORT needs an address")
+        return EtcdStore(endpoints)
+    raise ValueError(
+        f"--store {spec!r}: use 'memory', 'sqlite:PATH' (the default, {default_store()}) "
+        "or 'etcd://HOST:PORT[,HOST:PORT...]'"
+    )
+
+
+def admin_routes(cp: ControlPlane, server: ControlPlaneServer) -> dict[str, object]:
+    def topology() -> Response:
+        return json_response(
+            json_format.MessageToDict(
+                server.status.topology(), always_print_fields_with_no_presence=True
+            )
+        )
+
+    def catalog() -> Response:
+        return json_response(json_format.MessageToDict(cp.catalog.snapshot.to_proto()))
+
+    def config() -> Response:
+        if cp.config is None:
+            return text_response("no config applied yet\n", 404)
+        return text_response(cp.config.document)
+
+    return {
+        "/ready": lambda: text_response("ready\n"),
+        "/topology": topology,
+        "/catalog": catalog,
+        "/config": config,
+    }
+
+
+async def run(
+    listen: str,
+    store_spec: str,
+    admin: str | None,
+    dns: str | None,
+    mesh_domain: str,
+) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="aimesh control-plane: %(levelname)s %(message)s",
+    )
+    try:
+        store = make_store(store_spec)
+    except ValueError as exc:
+        print(f"aimesh control-plane: {exc}", file=sys.stderr)
+        return 2
+    cp = ControlPlane(store)
+    server = ControlPlaneServer(cp)
+    try:
+        port = await server.start(listen)
+    except Exception as exc:  # the store could not open: say which and why, then exit
+        print(f"aimesh control-plane: cannot start on {store.description}: {exc}", file=sys.stderr)
+        return 1
+    parts = [
+        f"aimesh control-plane listening on {host_of(listen)}:{port}",
+        f"store {store.description}",
+    ]
+    admin_server = None
+    if admin:
+        admin_server = AdminServer(admin_routes(cp, server))  # type: ignore[arg-type]
+        admin_port = await admin_server.start(admin)
+        parts.append(f"admin on http://{host_of(admin)}:{admin_port}/topology")
+    dns_server = None
+    if dns:
+        from .dns import DnsServer
+
+        dns_server = DnsServer(lambda: cp.catalog.snapshot, domain=mesh_domain)
+        dns_port = await dns_server.start(dns)
+        parts.append(f"dns on {host_of(dns)}:{dns_port} for *.{mesh_domain}")
+    snap = cp.catalog.snapshot
+    parts.append(
+        f"{len(snap.instances)} instances (catalog v{snap.version}), "
+        f"config {f'v{cp.config.version}' if cp.config else 'none'}"
+    )
+    print("; ".join(parts), flush=True)
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    await stop.wait()
+    print("aimesh control-plane: stopping", file=sys.stderr, flush=True)
+    if dns_server is not None:
+        await dns_server.stop()
+    if admin_server is not None:
+        await admin_server.stop()
+    await server.stop()
+    print("aimesh control-plane: stopped", file=sys.stderr, flush=True)
+    return 0

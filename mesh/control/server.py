@@ -1,0 +1,371 @@
+"""The control plane: its state (built only from store events) and its gRPC services.
+
+    store ──events──▶ ControlPlane (catalog, config, topology) ──▶ Watch streams, List, DNS
+      ▲                                                         ◀── Register / Apply / Report
+      └──────────────── writes (register, renew, put config) ──┘
+
+Writes go to the store and return once the store's own event has come back and been
+published here, so a caller that registers and then lists sees its instance, on every
+store (with etcd, the event may come from another replica's write just the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from aimesh.control.v1 import control_plane_pb2 as pb
+from aimesh.control.v1 import control_plane_pb2_grpc as pb_grpc
+from aimesh.interceptors import DecodeErrorInterceptor
+
+from ..config import MeshConfig, load_text, summary
+from ..errors import ConfigError
+from ..serving import Health, bind, enable_reflection, server_options
+from . import consistency
+from .catalog import Catalog, Instance, Key, Snapshot, merge
+from .leases import check_ttl
+from .store import ConfigRecord, Conflict, Store, StoreUnavailable
+from .topology import REPORT_INTERVAL, Topology
+
+log = logging.getLogger("aimesh.control")
+
+SERVICES = [
+    pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Registry", "Config", "Status")
+]
+
+# How long a write waits for its own change to come back from the store.
+PUBLISH_WAIT = 5.0
+
+
+class _Signal:
+    """Wakes every waiter once per change: waiters take `current` first, then read state."""
+
+    def __init__(self) -> None:
+        self.current = asyncio.Event()
+
+    def fire(self) -> None:
+        old, self.current = self.current, asyncio.Event()
+        old.set()
+
+
+class ControlPlane:
+    """Implements StoreEvents; holds what watchers are served."""
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.catalog = Catalog()
+        self.config: ConfigRecord | None = None
+        self.mesh: MeshConfig | None = None
+        self.topology = Topology(clock)
+        self.catalog_signal = _Signal()
+        self.config_signal = _Signal()
+        self.started = time.time()
+
+    # -- StoreEvents --------------------------------------------------------------------
+
+    def catalog_reset(self, version: int, instances: Iterable[Instance]) -> None:
+        self.catalog.reset(version, instances)
+        self._catalog_published()
+
+    def catalog_changed(
+        self, version: int, upserted: Iterable[Instance], removed: Iterable[Key]
+    ) -> None:
+        if self.catalog.apply(version, upserted, removed) is not None:
+            self._catalog_published()
+
+    def _catalog_published(self) -> None:
+        self.topology.observe(self.catalog.snapshot)
+        self.catalog_signal.fire()
+
+    def config_changed(self, record: ConfigRecord) -> None:
+        if self.config is not None and record.version <= self.config.version:
+            return
+        try:
+            mesh = load_text(record.document, source=record.source or "<store>")
+        except ConfigError as exc:
+            # Only a document that passed Apply is stored, so this is someone writing to
+            # the store by hand: keep serving the last good config.
+            log.error("stored config v%d is invalid, keeping the live one: %s", record.version, exc)
+            return
+        self.config, self.mesh = record, mesh
+        self.config_signal.fire()
+
+    # -- waiting for publication --------------------------------------------------------
+
+    async def wait_catalog(self, version: int) -> None:
+        deadline = time.monotonic() + PUBLISH_WAIT
+        while self.catalog.version < version:
+            event = self.catalog_signal.current
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return  # published later; the write itself succeeded
+            try:
+                await asyncio.wait_for(event.wait(), left)
+            except TimeoutError:
+                return
+
+    async def wait_config(self, version: int) -> None:
+        deadline = time.monotonic() + PUBLISH_WAIT
+        while self.config is None or self.config.version < version:
+            event = self.config_signal.current
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(event.wait(), left)
+            except TimeoutError:
+                return
+
+
+async def _store_call(context: grpc.aio.ServicerContext[Any, Any], coro: Any) -> Any:
+    try:
+        return await coro
+    except StoreUnavailable as exc:
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, f"the control plane's store is unavailable: {exc}"
+        )
+
+
+class RegistryService(pb_grpc.RegistryServicer):
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    async def Register(  # noqa: N802 (gRPC method name)
+        self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RegisterResponse:
+        try:
+            inst = Instance.from_proto(request.instance)
+            ttl = check_ttl(request.ttl.ToNanoseconds() / 1e9)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        inst = replace(inst, registered_at=time.time(), lease_id=0)
+        lease_id, version = await _store_call(context, self.cp.store.register(inst, ttl))
+        await self.cp.wait_catalog(version)
+        log.info(
+            "registered %s/%s at %s (lease %d)",
+            inst.service,
+            inst.instance_id,
+            inst.address,
+            lease_id,
+        )
+        response = pb.RegisterResponse(
+            lease_id=lease_id, version=version, instance_id=inst.instance_id
+        )
+        response.ttl.FromNanoseconds(int(ttl * 1e9))
+        return response
+
+    async def KeepAlive(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[pb.KeepAliveRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.KeepAliveResponse]:
+        async for request in request_iterator:
+            serving = request.serving if request.HasField("serving") else None
+            ttl = await _store_call(context, self.cp.store.keepalive(request.lease_id, serving))
+            response = pb.KeepAliveResponse(lease_id=request.lease_id, found=ttl is not None)
+            if ttl is not None:
+                response.ttl.FromNanoseconds(int(ttl * 1e9))
+            yield response
+
+    async def Deregister(  # noqa: N802 (gRPC method name)
+        self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DeregisterResponse:
+        which = request.WhichOneof("target")
+        if which == "lease_id":
+            version = await _store_call(
+                context, self.cp.store.deregister(lease_id=request.lease_id)
+            )
+            what = f"lease {request.lease_id}"
+        elif which == "instance":
+            ref = request.instance
+            key = self._find(ref.service, ref.instance_id)
+            what = f"{ref.service}/{ref.instance_id}"
+            version = await _store_call(context, self.cp.store.deregister(key=key)) if key else None
+        else:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "set lease_id or instance (service, instance_id)"
+            )
+        if version is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no registered instance {what}; `aimesh get instances` lists them",
+            )
+        await self.cp.wait_catalog(version)
+        log.info("deregistered %s", what)
+        return pb.DeregisterResponse(version=version)
+
+    def _find(self, service: str, instance_id: str) -> Key | None:
+        """By instance id, or by address (the default id, but an id may be set)."""
+        instances = self.cp.catalog.snapshot.instances
+        if (service, instance_id) in instances:
+            return (service, instance_id)
+        for key, inst in instances.items():
+            if inst.address == instance_id and (not service or key[0] == service):
+                return key
+        return None
+
+    async def List(  # noqa: N802 (gRPC method name)
+        self, request: pb.ListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CatalogSnapshot:
+        return self.cp.catalog.snapshot.to_proto([request.service] if request.service else ())
+
+    async def Watch(  # noqa: N802 (gRPC method name)
+        self, request: pb.WatchCatalogRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.CatalogUpdate]:
+        services = set(request.services)
+        last = request.since_version
+        first = True
+        while True:
+            event = self.cp.catalog_signal.current  # before reading, so no change is missed
+            snap = self.cp.catalog.snapshot
+            if first or snap.version != last:
+                update = self._update(snap, last, services, first)
+                if update is not None:
+                    yield update
+                first = False
+                last = snap.version
+            await event.wait()
+
+    def _update(
+        self, snap: Snapshot, since: int, services: set[str], first: bool
+    ) -> pb.CatalogUpdate | None:
+        changes = self.cp.catalog.since(since) if since else None
+        if changes is None:
+            full = snap.to_proto(services)
+            return pb.CatalogUpdate(version=snap.version, full=True, upserted=full.instances)
+        if not changes:
+            # A watcher that is already current learns so at once.
+            return pb.CatalogUpdate(version=snap.version) if first else None
+        change = merge(changes)
+        ups = [i.to_proto() for i in change.upserted if not services or i.service in services]
+        gone = [
+            pb.InstanceRef(service=s, instance_id=i)
+            for s, i in change.removed
+            if not services or s in services
+        ]
+        if not ups and not gone and not first:
+            return None  # nothing this watcher asked about; it catches up with the next one
+        return pb.CatalogUpdate(version=snap.version, upserted=ups, removed=gone)
+
+
+class ConfigService(pb_grpc.ConfigServicer):
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    async def Apply(  # noqa: N802 (gRPC method name)
+        self, request: pb.ApplyConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ApplyConfigResponse:
+        source = request.source or "<apply>"
+        try:
+            mesh = load_text(request.document, source=source)
+        except ConfigError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        errors = consistency.problems(mesh, self.cp.catalog.snapshot)
+        if errors:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, str(ConfigError(errors, source=source))
+            )
+        warnings = [*mesh.warnings, *consistency.warnings(mesh, self.cp.catalog.snapshot)]
+        live = self.cp.config
+        response = pb.ApplyConfigResponse(warnings=warnings, summary=summary(mesh))
+        if request.dry_run:
+            response.version = live.version if live else 0
+            return response
+        if live is not None and live.document == request.document:
+            response.version = live.version
+            return response
+        try:
+            record = await _store_call(
+                context,
+                self.cp.store.put_config(
+                    request.document, source, mesh.metadata.name, request.expected_version
+                ),
+            )
+        except Conflict as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        await self.cp.wait_config(record.version)
+        log.info("config v%d applied from %s (%s)", record.version, source, mesh.metadata.name)
+        response.version = record.version
+        response.changed = True
+        return response
+
+    async def Get(  # noqa: N802 (gRPC method name)
+        self, request: pb.GetConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ConfigVersion:
+        if self.cp.config is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, "no config applied yet; `aimesh apply -f mesh.yaml`"
+            )
+        return self.cp.config.to_proto()
+
+    async def Watch(  # noqa: N802 (gRPC method name)
+        self, request: pb.WatchConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ConfigVersion]:
+        last = request.since_version
+        while True:
+            event = self.cp.config_signal.current
+            record = self.cp.config
+            if record is not None and record.version != last:
+                yield record.to_proto()
+                last = record.version
+            await event.wait()
+
+
+class StatusService(pb_grpc.StatusServicer):
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    async def Report(  # noqa: N802 (gRPC method name)
+        self, request: pb.ProxyReport, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReportAck:
+        self.cp.topology.report(request)
+        ack = pb.ReportAck()
+        ack.interval.FromNanoseconds(int(REPORT_INTERVAL * 1e9))
+        return ack
+
+    async def GetTopology(  # noqa: N802 (gRPC method name)
+        self, request: pb.TopologyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Topology:
+        return self.topology()
+
+    def topology(self) -> pb.Topology:
+        cfg = self.cp.config
+        return self.cp.topology.view(self.cp.catalog.snapshot, cfg.version if cfg else 0)
+
+
+class ControlPlaneServer:
+    """The gRPC server with the three services, health and reflection."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self.server = grpc.aio.server(
+            options=server_options(), interceptors=[DecodeErrorInterceptor()]
+        )
+        pb_grpc.add_RegistryServicer_to_server(RegistryService(cp), self.server)
+        pb_grpc.add_ConfigServicer_to_server(ConfigService(cp), self.server)
+        self.status = StatusService(cp)
+        pb_grpc.add_StatusServicer_to_server(self.status, self.server)
+        self.health = Health(self.server, SERVICES)
+        enable_reflection(self.server, SERVICES)
+        self.port = 0
+
+    async def start(self, listen: str) -> int:
+        self.port = bind(self.server, listen)
+        await self.cp.store.open(self.cp)
+        await self.server.start()
+        await self.health.set_serving(True)
+        return self.port
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.health.shutdown()
+        # Watch streams never end on their own; stopping cancels them, and watchers
+        # reconnect to another replica (or to this one when it is back).
+        await self.server.stop(grace)
+        await self.cp.store.close()
