@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: run test proto lint bench venv clean check-proto
+.PHONY: run test proto lint bench venv clean check-proto etcd
 
 venv: $(STAMP)
 
@@ -37,6 +37,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# A local etcd for `aimesh control-plane --store etcd://127.0.0.1:2379`, in the foreground
+# (Ctrl-C stops it; data in .etcd-data). Installs Debian's etcd-server first if needed.
+etcd: $(STAMP)
+	scripts/install-etcd.sh
+	$(PY) -m aimesh.mesh.control.etcd_server --data-dir .etcd-data --port 2379
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import selectors
 import signal
 import subprocess
 import sys
@@ -62,10 +61,12 @@ def wait_for_output(proc: Proc, text: str, timeout: float = 10.0) -> str:
     raise AssertionError(f"{proc.name} did not print {text!r}; output:\n" + "".join(proc.output))
 
 
-def _drain(popen: subprocess.Popen[str], sink: list[str]) -> None:
+def _drain(popen: subprocess.Popen[str], sink: list[str], seen: threading.Event) -> None:
     assert popen.stdout is not None
     for line in popen.stdout:
         sink.append(line)
+        seen.set()
+    seen.set()  # end of output: the process exited
 
 
 def aimesh_command(*args: str) -> list[str]:
@@ -85,37 +86,35 @@ def start(
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         start_new_session=True,  # a Ctrl-C in the terminal reaches the parent only
     )
-    assert popen.stdout is not None
-    seen: list[str] = []
+    # One thread reads every line as it comes (and keeps the pipe drained for the
+    # process's whole life). Waiting on the pipe with a selector instead misses a line
+    # that arrives in the same read as an earlier one: it sits in the reader's buffer,
+    # and the selector never fires again.
+    output: list[str] = []
+    seen = threading.Event()
+    threading.Thread(target=_drain, args=(popen, output, seen), daemon=True).start()
     deadline = time.monotonic() + timeout
-    sel = selectors.DefaultSelector()
-    sel.register(popen.stdout, selectors.EVENT_READ)
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                popen.kill()
-                raise RuntimeError(f"{name} did not start within {timeout:g}s:\n" + "".join(seen))
-            if not sel.select(left):
-                continue
-            line = popen.stdout.readline()
-            if not line:
-                popen.wait()
-                raise RuntimeError(
-                    f"{name} exited with code {popen.returncode} before listening:\n"
-                    + "".join(seen)
-                )
-            seen.append(line)
+    checked = 0
+    while True:
+        for line in output[checked:]:
+            checked += 1
             m = _LISTENING.search(line)
             if m:
-                proc = Proc(
-                    name=name, popen=popen, address=f"{m.group(1)}:{m.group(2)}", output=seen
+                return Proc(
+                    name=name, popen=popen, address=f"{m.group(1)}:{m.group(2)}", output=output
                 )
-                # Keep draining the pipe so a chatty child never blocks on a full buffer.
-                threading.Thread(target=_drain, args=(popen, seen), daemon=True).start()
-                return proc
-    finally:
-        sel.close()
+        if popen.poll() is not None and checked == len(output):
+            popen.wait()
+            raise RuntimeError(
+                f"{name} exited with code {popen.returncode} before listening:\n" + "".join(output)
+            )
+        left = deadline - time.monotonic()
+        if left <= 0:
+            popen.kill()
+            raise RuntimeError(f"{name} did not start within {timeout:g}s:\n" + "".join(output))
+        seen.clear()
+        if checked == len(output):
+            seen.wait(min(left, 0.1))
 
 
 def start_sim(

@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C stops it even when started with SIGINT ignored (a background job of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(
         f"etcd listening on {server.endpoint} (data in {server.data_dir}); "
         f"--store etcd://{server.endpoint}; Ctrl-C stops it",

@@ -133,6 +133,7 @@ class EmbeddedStore:
         self._instances: dict[Key, Instance] = {}
         self._ttl: dict[Key, float] = {}
         self._version = 0
+        self._catalog_version = 0
         self._config: ConfigRecord | None = None
         self._db: sqlite3.Connection | None = None
         self._events: StoreEvents | None = None
@@ -150,14 +151,18 @@ class EmbeddedStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             self._load(self._db)
-        events.catalog_reset(self._version, self._instances.values())
+        events.catalog_reset(self._catalog_version, self._instances.values())
         if self._config is not None:
             events.config_changed(self._config)
         self._expiry = asyncio.get_running_loop().create_task(self._expire_loop())
 
     def _load(self, db: sqlite3.Connection) -> None:
-        row = db.execute("SELECT value FROM meta WHERE key='version'").fetchone()
-        self._version = int(row[0]) if row else 0
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        # One counter numbers catalog and config changes alike (so versions never repeat);
+        # the catalog resumes at the version of its own last change, so watchers that
+        # saw it resume with increments, not a full snapshot.
+        self._version = int(meta.get("version", 0))
+        self._catalog_version = int(meta.get("catalog_version", 0))
         for service, instance_id, lease_id, ttl, data in db.execute(
             "SELECT service, instance_id, lease_id, ttl, data FROM instances"
         ):
@@ -221,6 +226,7 @@ class EmbeddedStore:
                     (service, instance_id),
                 )
             db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (version,))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('catalog_version', ?)", (version,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
