@@ -1,11 +1,16 @@
-"""`aimesh demo` (what `make run` starts): a local fleet of sim backends and a streamed answer.
+"""`aimesh demo` (what `make run` starts): the whole local mesh.
 
-The fleet mirrors the product's topology panel: GPT-4 Gateway x3, Claude Gateway x2 and
-Custom LLM x3, each instance a real process serving the Inference API.
+A control plane; the product page's topology (GPT-4 Gateway x3, Claude Gateway x2, Custom
+LLM x3) as sim instances that register themselves, plus the one `gpt4-gateway-v2` canary
+instance the reference YAML's canary-rollout sends 10% to; a gateway proxy that follows
+the control plane; the reference YAML applied; a streamed answer through the gateway; and
+`aimesh status`. Every piece is a real process; Ctrl-C stops them all, gateway first.
 """
 
 from __future__ import annotations
 
+import asyncio
+import shlex
 import shutil
 import signal
 import sys
@@ -16,107 +21,187 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aimesh.control.v1 import control_plane_pb2 as cp_pb
+from aimesh.control.v1 import control_plane_pb2_grpc as cp_grpc
+from aimesh.inference.v1 import inference_pb2 as pb
+from aimesh.inference.v1 import inference_pb2_grpc as pb_grpc
 
 from . import procs
 
-FLEET: tuple[tuple[str, str, int], ...] = (
-    # (service, model, instances)
-    ("gpt4-gateway", "gpt-4", 3),
-    ("claude-gateway", "claude-3-5-sonnet", 2),
-    ("custom-llm", "llama-3-8b", 3),
+FLEET: tuple[tuple[str, str, int, str], ...] = (
+    # (service, model, instances, version)
+    ("gpt4-gateway", "gpt-4", 3, "v1"),
+    ("claude-gateway", "claude-3-5-sonnet", 2, "v1"),
+    ("custom-llm", "llama-3-8b", 3, "v1"),
+    # The reference YAML's canary-rollout splits 90/10 onto this service.
+    ("gpt4-gateway-v2", "gpt-4", 1, "v2"),
 )
-# The gateway routes each model to its service and balances on the instances' load reports.
 DEMO_PROMPT = "In one paragraph: why put a service mesh in front of AI backends?"
+REFERENCE = Path(__file__).resolve().parent.parent / "deploy" / "examples" / "reference.yaml"
+SPLIT_CALLS = 50
 
 
-def _healthy(address: str) -> bool:
-    with grpc.insecure_channel(address) as ch:
+def _cli(*args: str) -> int:
+    from .cli import main as cli_main
+
+    print(f"\n$ aimesh {shlex.join(args)}", flush=True)
+    return cli_main(list(args))
+
+
+async def _wait_registered(cp: str, count: int, timeout: float = 20.0) -> int:
+    """Waits on the catalog watch (no polling) until `count` instances are registered."""
+    async with grpc.aio.insecure_channel(cp) as ch:
+        call = cp_grpc.RegistryStub(ch).Watch(cp_pb.WatchCatalogRequest())
+        seen: set[tuple[str, str]] = set()
+
+        async def follow() -> None:
+            async for update in call:
+                if update.full:
+                    seen.clear()
+                seen.update((i.service, i.instance_id) for i in update.upserted)
+                seen.difference_update((r.service, r.instance_id) for r in update.removed)
+                if len(seen) >= count:
+                    return
+
         try:
-            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.RpcError:
-            return False
-    return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+            await asyncio.wait_for(follow(), timeout)
+        finally:
+            call.cancel()
+        return len(seen)
 
 
-def _mesh_yaml(fleet: list[tuple[str, str, procs.Proc]]) -> str:
-    """The local mesh: one service per model, its instances as static endpoints."""
-    lines = [
-        "apiVersion: mesh.ai/v1",
-        "kind: ServiceMesh",
-        "metadata:",
-        "  name: demo-mesh",
-        "spec:",
-        "  services:",
-    ]
-    for service, model, _ in FLEET:
-        lines += [f"    - name: {service}", f"      models: [{model}]", "      endpoints:"]
-        lines += [f"        - address: {p.address}" for s, _, p in fleet if s == service]
-        lines += [
-            "      loadBalancer:",
-            "        algorithm: load_aware",
-            "        healthCheck: {interval: 2s}",
-        ]
-    return "\n".join(lines) + "\n"
+async def _split(target: str, calls: int) -> dict[str, int]:
+    """Which services answered: the canary split as callers see it."""
+    by_service: dict[str, int] = {}
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        for i in range(calls):
+            call = stub.Generate(
+                pb.GenerateRequest(
+                    model="gpt-4",
+                    messages=[pb.Message(role="user", content=f"canary {i}")],
+                    max_tokens=4,
+                ),
+                timeout=10,
+            )
+            await call
+            instance = str(dict(await call.trailing_metadata() or ()).get("aimesh-instance", "?"))
+            service = instance.rpartition("-")[0] or instance
+            by_service[service] = by_service.get(service, 0) + 1
+    return by_service
+
+
+async def _reported(cp: str, timeout: float = 10.0) -> None:
+    """Waits until the gateway's traffic report has reached the control plane."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(cp) as ch:
+        stub = cp_grpc.StatusStub(ch)
+        while time.monotonic() < deadline:
+            t = await stub.GetTopology(cp_pb.TopologyRequest(), timeout=5)
+            if t.requests_per_minute > 0:
+                return
+            await asyncio.sleep(0.25)
 
 
 def run_demo(host: str = "127.0.0.1", once: bool = False) -> int:
     started = time.perf_counter()
-    specs = [
-        (f"{service}-{i}", service, model)
-        for service, model, count in FLEET
-        for i in range(1, count + 1)
-    ]
-    print(f"aimesh demo: starting {len(specs)} sim backends ...", flush=True)
-    fleet: list[tuple[str, str, procs.Proc]] = []
-    workdir = tempfile.mkdtemp(prefix="aimesh-demo-")
+    workdir = Path(tempfile.mkdtemp(prefix="aimesh-demo-"))
+    running: list[procs.Proc] = []
     try:
+        print("aimesh demo: starting the control plane ...", flush=True)
+        cp = procs.start(
+            "control-plane",
+            procs.aimesh_command(
+                "control-plane",
+                "--listen",
+                f"{host}:0",
+                "--store",
+                f"sqlite:{workdir / 'control-plane.db'}",
+                "--admin",
+                f"{host}:0",
+                "--dns",
+                f"{host}:0",
+            ),
+        )
+        running.append(cp)
+        print(f"  {cp.output[-1].strip()}", flush=True)
+        specs = [
+            (f"{service}-{i}", service, model, version)
+            for service, model, count, version in FLEET
+            for i in range(1, count + 1)
+        ]
+        print(f"\naimesh demo: starting {len(specs)} sim backends that register themselves ...")
         with ThreadPoolExecutor(max_workers=len(specs)) as pool:
             futures = [
-                (service, model, pool.submit(procs.start_sim, name, [model], host=host))
-                for name, service, model in specs
+                pool.submit(
+                    procs.start_sim,
+                    name,
+                    [model],
+                    "--control-plane",
+                    cp.address,
+                    "--service",
+                    service,
+                    "--version",
+                    version,
+                    host=host,
+                )
+                for name, service, model, version in specs
             ]
-            for service, model, fut in futures:
+            for fut in futures:
                 proc = fut.result()
-                fleet.append((service, model, proc))
-                print(f"  started {proc.name:<18} {model:<20} {proc.address}", flush=True)
-        healthy = sum(_healthy(p.address) for _, _, p in fleet)
+                running.append(proc)
+        for proc, (_, service, model, version) in zip(running[1:], specs, strict=True):
+            print(f"  {proc.name:<20} {service:<16} {model:<18} {version}  {proc.address}")
+        registered = asyncio.run(_wait_registered(cp.address, len(specs)))
         print(
-            f"\n{healthy} Healthy · {len(FLEET)} Services · ready in "
-            f"{time.perf_counter() - started:.1f}s\n",
+            f"  {registered} instances registered; fleet ready in "
+            f"{time.perf_counter() - started:.1f}s",
             flush=True,
         )
-        print(f"{'SERVICE':<16} {'MODEL':<20} INSTANCES")
-        for service, model, count in FLEET:
-            addrs = ", ".join(p.address for s, _, p in fleet if s == service)
-            print(f"{service:<16} {model:<20} {count}  {addrs}")
 
-        config = Path(workdir) / "mesh.yaml"
-        config.write_text(_mesh_yaml(fleet))
         gateway = procs.start(
             "gateway",
             procs.aimesh_command(
-                "proxy", "--listen", f"{host}:0", "--config", str(config), "--admin", f"{host}:0"
+                "proxy",
+                "--listen",
+                f"{host}:0",
+                "--control-plane",
+                cp.address,
+                "--cache",
+                str(workdir / "gateway-cache.json"),
+                "--admin",
+                f"{host}:0",
             ),
         )
-        fleet.append(("gateway", "", gateway))
+        running.append(gateway)
         admin = procs.wait_for_output(gateway, "admin on").split("admin on ", 1)[1].split(";")[0]
-        print(f"\ngateway proxy on {gateway.address} (admin {admin}), config {config}")
-        target = gateway.address
-        print(f"\n$ aimesh chat --target {target} --model gpt-4 {DEMO_PROMPT!r}\n", flush=True)
-        from .cli import main as cli_main
+        print(f"\ngateway proxy on {gateway.address} (admin {admin}), following {cp.address}")
 
-        rc = cli_main(["chat", "--target", target, "--model", "gpt-4", DEMO_PROMPT])
+        target = gateway.address
+        if REFERENCE.exists():
+            rc = _cli("apply", "-f", str(REFERENCE), "--control-plane", cp.address)
+            if rc != 0:
+                return rc
+        rc = _cli("chat", "--target", target, "--model", "gpt-4", DEMO_PROMPT)
         if rc != 0:
             return rc
+        split = asyncio.run(_split(target, SPLIT_CALLS))
+        shares = ", ".join(f"{svc} {n}" for svc, n in sorted(split.items()))
+        print(f"\ncanary-rollout over {SPLIT_CALLS} gpt-4 calls: {shares} (weights 90/10)")
+        asyncio.run(_reported(cp.address))
+        _cli("status", "--control-plane", cp.address)
         if once:
             return 0
         print(
-            "\nThe fleet keeps serving; try:\n"
+            "\nThe mesh keeps running; try, in another terminal:\n"
+            f"  export AIMESH_CONTROL_PLANE={cp.address}\n"
+            "  .venv/bin/aimesh status --watch\n"
+            "  .venv/bin/aimesh get instances\n"
+            f"  .venv/bin/aimesh chat --target {target} --model gpt-4 'hello'\n"
+            "  .venv/bin/aimesh apply -f deploy/examples/local.yaml   # route every model\n"
             f"  .venv/bin/aimesh chat --target {target} --model claude-3-5-sonnet 'hello'\n"
-            f"  .venv/bin/aimesh chat --target {target} --model llama-3-8b 'hello'\n"
-            f"  curl {admin}\n"
-            f"  .venv/bin/aimesh sim stats --target {fleet[0][2].address}\n"
+            f"  curl {admin.replace('/clusters', '/mesh')}\n"
             "Press Ctrl-C to stop.",
             flush=True,
         )
@@ -124,7 +209,7 @@ def run_demo(host: str = "127.0.0.1", once: bool = False) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             while not stop.wait(1.0):
-                dead = [p.name for _, _, p in fleet if not p.alive()]
+                dead = [p.name for p in running if not p.alive()]
                 if dead:
                     print(f"aimesh demo: {', '.join(dead)} exited; stopping", file=sys.stderr)
                     return 1
@@ -132,13 +217,18 @@ def run_demo(host: str = "127.0.0.1", once: bool = False) -> int:
             pass
         return 0
     finally:
-        if fleet:
-            print("\naimesh demo: stopping the fleet (SIGTERM, graceful drain) ...", flush=True)
-            # The gateway first, so nothing is routed to a backend that is going away.
-            for _, _, p in fleet:
+        if running:
+            print("\naimesh demo: stopping (SIGTERM, graceful drain) ...", flush=True)
+            # The gateway first, then the instances (they deregister as they go), then
+            # the control plane.
+            for p in running:
                 if p.name == "gateway":
                     p.terminate(timeout=10)
-            with ThreadPoolExecutor(max_workers=len(fleet)) as pool:
-                list(pool.map(lambda p: p.terminate(timeout=10), (p for _, _, p in fleet)))
+            sims = [p for p in running if p.name not in ("gateway", "control-plane")]
+            with ThreadPoolExecutor(max_workers=max(1, len(sims))) as pool:
+                list(pool.map(lambda p: p.terminate(timeout=10), sims))
+            for p in running:
+                if p.name == "control-plane":
+                    p.terminate(timeout=10)
             print("aimesh demo: stopped", flush=True)
         shutil.rmtree(workdir, ignore_errors=True)

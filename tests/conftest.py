@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,6 +15,7 @@ from hypothesis import settings
 
 from aimesh.mesh import procs
 from aimesh.mesh.config import load_dict
+from aimesh.mesh.control.etcd_server import EtcdServer, find_etcd
 from aimesh.mesh.proxy.cluster import EndpointAddr
 from aimesh.mesh.proxy.server import Proxy, ProxySettings
 from aimesh.mesh.sim.faults import Faults
@@ -20,6 +23,8 @@ from aimesh.mesh.sim.server import RunningSim, start_sim
 from aimesh.mesh.sim.service import SimConfig
 
 from .support import FAST, SimFactory
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Property tests explore the same examples on every run (a failure found once is found
 # again, and CI never fails on a fresh draw); no per-example deadline on a loaded machine.
@@ -89,3 +94,46 @@ async def make_proxy() -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
     yield _make
     for p in started:
         await p.stop(0.5)
+
+
+# -- etcd (the control plane's multi-replica store) ---------------------------------------
+
+
+def _etcd_missing() -> str | None:
+    """None when etcd is there (installed by scripts/install-etcd.sh if need be)."""
+    try:
+        find_etcd()
+        return None
+    except RuntimeError:
+        pass
+    try:
+        proc = subprocess.run(
+            [str(ROOT / "scripts" / "install-etcd.sh")],
+            stdin=subprocess.DEVNULL,  # so sudo, if needed, fails instead of prompting
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        output = proc.stdout + proc.stderr
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        output = str(exc)
+    try:
+        find_etcd()
+        return None
+    except RuntimeError:
+        return f"etcd is not installed and scripts/install-etcd.sh could not install it: {output}"
+
+
+@pytest.fixture(scope="session")
+def etcd_installed() -> None:
+    why = _etcd_missing()
+    if why:
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def etcd(etcd_installed: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    server = EtcdServer("aimesh-test")
+    server.start(tmp_path_factory.mktemp("etcd") / "data")
+    yield server
+    server.stop()

@@ -8,9 +8,8 @@ Nothing sleeps: tests wait, with a timeout, for the store to report what they ex
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +19,7 @@ import pytest
 
 from aimesh.mesh.control import etcd_store
 from aimesh.mesh.control.catalog import Instance, Key
-from aimesh.mesh.control.etcd_server import EtcdServer, find_etcd, free_port
+from aimesh.mesh.control.etcd_server import EtcdServer, free_port
 from aimesh.mesh.control.etcd_store import EtcdStore, parse_endpoints
 from aimesh.mesh.control.store import ConfigRecord, Conflict, StoreUnavailable
 
@@ -100,46 +99,6 @@ def instance(n: int, service: str = "llm", **changes: Any) -> Instance:
         registered_at=1_700_000_000.5,
     )
     return replace(inst, **changes)
-
-
-def _etcd_missing() -> str | None:
-    """None when etcd is there (installed by scripts/install-etcd.sh if need be)."""
-    try:
-        find_etcd()
-        return None
-    except RuntimeError:
-        pass
-    try:
-        proc = subprocess.run(
-            [str(ROOT / "scripts" / "install-etcd.sh")],
-            stdin=subprocess.DEVNULL,  # so sudo, if needed, fails instead of prompting
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        output = proc.stdout + proc.stderr
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        output = str(exc)
-    try:
-        find_etcd()
-        return None
-    except RuntimeError:
-        return f"etcd is not installed and scripts/install-etcd.sh could not install it: {output}"
-
-
-@pytest.fixture(scope="session")
-def etcd_installed() -> None:
-    why = _etcd_missing()
-    if why:
-        pytest.skip(why)
-
-
-@pytest.fixture(scope="session")
-def etcd(etcd_installed: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    server = EtcdServer("aimesh-test")
-    server.start(tmp_path_factory.mktemp("etcd") / "data")
-    yield server
-    server.stop()
 
 
 @pytest.fixture

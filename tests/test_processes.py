@@ -160,7 +160,14 @@ def test_demo_starts_the_fleet_and_streams_an_answer() -> None:
         procs.aimesh_command("demo", "--once"), capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "8 Healthy · 3 Services" in out.stdout
-    assert re.search(r"tokens from gpt4-gateway-\d", out.stderr), out.stderr
+    assert "9 instances registered" in out.stdout
+    assert "reference.yaml: applied as config v" in out.stdout
+    assert re.search(r"tokens from gpt4-gateway-(v2-)?\d", out.stderr), out.stderr
+    split = re.search(r"over 50 gpt-4 calls: gpt4-gateway (\d+), gpt4-gateway-v2 (\d+)", out.stdout)
+    assert split is not None, out.stdout
+    assert int(split.group(1)) + int(split.group(2)) == 50 and int(split.group(1)) > 30
+    # `aimesh status`: the product page's topology, plus the canary, every one healthy.
+    assert "9 Healthy · 4 Services" in out.stdout
+    assert re.search(r"gpt4-gateway +3/3 +\d+", out.stdout), out.stdout
     assert "gateway proxy on 127.0.0.1:" in out.stdout
     assert "aimesh demo: stopped" in out.stdout

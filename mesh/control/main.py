@@ -23,7 +23,8 @@ def default_store(env: Mapping[str, str] = os.environ) -> str:
 
 
 def make_store(spec: str) -> Store:
-    """'memory', 'sqlite:PATH' or 'etcd://HOST:PORT[,HOST:PORT...]' (ValueError otherwise)."""
+    """'memory', 'sqlite:PATH' or 'etcd://HOST:PORT[,HOST:PORT...][/PREFIX]' (ValueError
+    otherwise)."""
     if spec == "memory":
         return EmbeddedStore(None)
     if spec.startswith("sqlite:"):
@@ -34,10 +35,11 @@ def make_store(spec: str) -> Store:
     if spec.startswith("etcd://"):
         from .etcd_store import EtcdStore
 
-        endpoints = spec.removeprefix("etcd://").rstrip("/")
+        # etcd://HOST:PORT[,HOST:PORT...][/PREFIX]: several meshes may share one etcd.
+        endpoints, slash, prefix = spec.removeprefix("etcd://").partition("/")
         if not endpoints:
             raise ValueError("--store etcd://HOST:PORT needs an address")
-        return EtcdStore(endpoints)
+        return EtcdStore(endpoints, f"/{prefix}" if slash and prefix else "/aimesh/v1/")
     raise ValueError(
         f"--store {spec!r}: use 'memory', 'sqlite:PATH' (the default, {default_store()}) "
         "or 'etcd://HOST:PORT[,HOST:PORT...]'"
