@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml setup.py
 run: $(STAMP)
 	$(VENV)/bin/aimesh demo
 
+# The etcd store's tests start their own etcd on free ports; install it first if need be.
 test: $(STAMP)
+	@scripts/install-etcd.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Regenerates gen/ (grpcio + .pyi) and clients/betterproto (betterproto2) from protos/.
