@@ -76,6 +76,15 @@ def error(data: object) -> str:
 # --- the examples -------------------------------------------------------------------------
 
 
+def test_control_plane_example_loads_without_warnings() -> None:
+    cfg = load_file(ROOT / "deploy" / "examples" / "control-plane.yaml")
+    assert cfg.warnings == [] or cfg.warnings == ()
+    assert all(not s.endpoints for s in cfg.services)  # instances come from the registry
+    [canary] = cfg.traffic_policies
+    assert canary.match.models == ("gpt-4",)
+    assert canary.shares() == (("gpt4-gateway", 0.9), ("gpt4-gateway-v2", 0.1))
+
+
 def test_reference_document_loads_with_its_warnings() -> None:
     cfg = load_file(REFERENCE)
     svc = cfg.services[0]
