@@ -199,7 +199,7 @@ def run_demo(host: str = "127.0.0.1", once: bool = False) -> int:
             "  .venv/bin/aimesh status --watch\n"
             "  .venv/bin/aimesh get instances\n"
             f"  .venv/bin/aimesh chat --target {target} --model gpt-4 'hello'\n"
-            "  .venv/bin/aimesh apply -f deploy/examples/control-plane.yaml   # canary for gpt-4 only\n"
+            "  .venv/bin/aimesh apply -f deploy/examples/control-plane.yaml  # gpt-4 canary only\n"
             f"  .venv/bin/aimesh chat --target {target} --model claude-3-5-sonnet 'hello'\n"
             f"  curl {admin.replace('/clusters', '/mesh')}\n"
             "Press Ctrl-C to stop.",

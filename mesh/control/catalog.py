@@ -205,7 +205,15 @@ class Catalog:
         # decides is whether the history starts at or before the watcher's version.
         if version > current or version < self._base:
             return None
-        return [c for c in self._history if c.version > version]
+        # Newest first, stopping at the watcher's version: a watcher that is one change
+        # behind costs one step, not a walk over the whole history.
+        out: list[Change] = []
+        for change in reversed(self._history):
+            if change.version <= version:
+                break
+            out.append(change)
+        out.reverse()
+        return out
 
 
 def merge(changes: list[Change]) -> Change:

@@ -50,10 +50,11 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_timeout_ms", 3_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    # Reconnect quickly when it comes back.
+    # Reconnect quickly when it comes back. (Not min_reconnect_backoff_ms: grpc also uses
+    # it as the connect timeout, and 100 ms there made slow handshakes fail and retry in
+    # storms, each retry a full resync.)
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
-    ("grpc.min_reconnect_backoff_ms", 100),
     # The full catalog of a large mesh is one message.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
@@ -440,6 +441,8 @@ class MeshWatcher:
 
 # -- reporting ----------------------------------------------------------------------------
 
+FULL_EVERY = 30.0  # seconds between reports of every endpoint, changed or not
+
 
 class Reporter:
     """Sends `collect()` to the control plane every interval the control plane asks for."""
@@ -458,6 +461,8 @@ class Reporter:
         self.started = time.monotonic()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._sent: dict[tuple[str, str], tuple[int, int, bool]] = {}
+        self._last_full = float("-inf")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="reporter")
@@ -468,16 +473,38 @@ class Reporter:
             await self._task
         await self.replicas.close()
 
+    def _changed(self, endpoints: list[pb.EndpointReport]) -> list[pb.EndpointReport]:
+        """Only endpoints whose counters or health moved since the last report, and all
+        of them every FULL_EVERY seconds (a restarted control plane relearns them): a
+        gateway in front of 1,000 mostly idle endpoints sends a few lines, not 1,000."""
+        now = time.monotonic()
+        full = now - self._last_full >= FULL_EVERY
+        out = []
+        for ep in endpoints:
+            key = (ep.service, ep.address)
+            state = (ep.requests, ep.errors, ep.healthy)
+            if full or self._sent.get(key) != state:
+                out.append(ep)
+                self._sent[key] = state
+        if full:
+            self._last_full = now
+        return out
+
     async def report_once(self) -> None:
         stub = pb_grpc.StatusStub(self.replicas.channel())
-        ack = await stub.Report(
-            pb.ProxyReport(
-                proxy_id=self.proxy_id,
-                endpoints=self.collect(),
-                uptime_seconds=time.monotonic() - self.started,
-            ),
-            timeout=2,
-        )
+        endpoints = self._changed(self.collect())
+        try:
+            ack = await stub.Report(
+                pb.ProxyReport(
+                    proxy_id=self.proxy_id,
+                    endpoints=endpoints,
+                    uptime_seconds=time.monotonic() - self.started,
+                ),
+                timeout=2,
+            )
+        except grpc.RpcError:
+            self._sent.clear()  # not delivered: send everything next time
+            raise
         if ack.HasField("interval") and ack.interval.ToNanoseconds() > 0:
             self.interval = ack.interval.ToNanoseconds() / 1e9
 

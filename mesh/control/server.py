@@ -67,6 +67,19 @@ class ControlPlane:
         self.catalog_signal = _Signal()
         self.config_signal = _Signal()
         self.started = time.time()
+        self.parsed: tuple[str, MeshConfig] | None = None  # the document Apply last parsed
+        # The full catalog as a watch update, built once per version for every watcher
+        # that needs one (a new watcher, or one too far behind for increments).
+        self._full: tuple[int, pb.CatalogUpdate] | None = None
+
+    def full_update(self, snap: Snapshot) -> pb.CatalogUpdate:
+        if self._full is None or self._full[0] != snap.version:
+            full = snap.to_proto()
+            self._full = (
+                snap.version,
+                pb.CatalogUpdate(version=snap.version, full=True, upserted=full.instances),
+            )
+        return self._full[1]
 
     # -- StoreEvents --------------------------------------------------------------------
 
@@ -81,14 +94,26 @@ class ControlPlane:
             self._catalog_published()
 
     def _catalog_published(self) -> None:
-        self.topology.observe(self.catalog.snapshot)
+        # Watchers first: the topology's uptime bookkeeping walks every reported
+        # endpoint, so it runs on its own clock (`observe_every`), not on this path.
         self.catalog_signal.fire()
+
+    async def observe_every(self, seconds: float = 1.0) -> None:
+        """Integrates service uptime against the live catalog, forever."""
+        while True:
+            self.topology.observe(self.catalog.snapshot)
+            await asyncio.sleep(seconds)
 
     def config_changed(self, record: ConfigRecord) -> None:
         if self.config is not None and record.version <= self.config.version:
             return
         try:
-            mesh = load_text(record.document, source=record.source or "<store>")
+            # Apply has just parsed this very document: reuse that, not parse it twice.
+            parsed = self.parsed
+            if parsed is not None and parsed[0] == record.document:
+                mesh = parsed[1]
+            else:
+                mesh = load_text(record.document, source=record.source or "<store>")
         except ConfigError as exc:
             # Only a document that passed Apply is stored, so this is someone writing to
             # the store by hand: keep serving the last good config.
@@ -238,6 +263,8 @@ class RegistryService(pb_grpc.RegistryServicer):
     ) -> pb.CatalogUpdate | None:
         changes = self.cp.catalog.since(since) if since else None
         if changes is None:
+            if not services:
+                return self.cp.full_update(snap)
             full = snap.to_proto(services)
             return pb.CatalogUpdate(version=snap.version, full=True, upserted=full.instances)
         if not changes:
@@ -272,6 +299,7 @@ class ConfigService(pb_grpc.ConfigServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, str(ConfigError(errors, source=source))
             )
+        self.cp.parsed = (request.document, mesh)
         warnings = [*mesh.warnings, *consistency.warnings(mesh, self.cp.catalog.snapshot)]
         live = self.cp.config
         response = pb.ApplyConfigResponse(warnings=warnings, summary=summary(mesh))
@@ -355,15 +383,19 @@ class ControlPlaneServer:
         self.health = Health(self.server, SERVICES)
         enable_reflection(self.server, SERVICES)
         self.port = 0
+        self._observer: asyncio.Task[None] | None = None
 
     async def start(self, listen: str) -> int:
         self.port = bind(self.server, listen)
         await self.cp.store.open(self.cp)
         await self.server.start()
         await self.health.set_serving(True)
+        self._observer = asyncio.get_running_loop().create_task(self.cp.observe_every())
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self._observer is not None:
+            self._observer.cancel()
         await self.health.shutdown()
         # Watch streams never end on their own; stopping cancels them, and watchers
         # reconnect to another replica (or to this one when it is back).

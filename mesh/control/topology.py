@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from aimesh.control.v1 import control_plane_pb2 as pb
 
@@ -23,33 +23,41 @@ REPORT_INTERVAL = 2.0  # what the control plane asks proxies for
 PROXY_STALE = 3 * REPORT_INTERVAL + 5.0  # a proxy silent this long no longer counts
 
 
-@dataclass(slots=True)
-class _Sample:
-    at: float
-    requests: int
-    errors: int
-    latency: float  # seconds, summed
+Sample = tuple[float, int, int, float]  # (at, requests, errors, latency seconds summed)
+Key = tuple[str, str]  # (service, address)
 
 
-@dataclass(slots=True)
 class _Series:
-    samples: deque[_Sample] = field(default_factory=deque)
-    healthy: bool = True
+    """One proxy's counters for one endpoint: a few samples, sparse on purpose."""
 
-    def add(self, sample: _Sample, window: float) -> None:
-        if self.samples and sample.requests < self.samples[-1].requests:
-            self.samples.clear()  # the proxy restarted: its counters began again
-        self.samples.append(sample)
+    __slots__ = ("healthy", "samples")
+
+    def __init__(self) -> None:
+        self.samples: deque[Sample] = deque()
+        self.healthy = True
+
+    def add(self, sample: Sample, window: float) -> None:
+        samples = self.samples
+        if samples and sample[1] < samples[-1][1]:
+            samples.clear()  # the proxy restarted: its counters began again
+        if len(samples) >= 2 and sample[0] - samples[-2][0] < window / 6:
+            # A sample per sixth of the window, not one per report: rates need only the
+            # ends, and 100 proxies x 1,000 endpoints x a report every 2 s adds up.
+            samples[-1] = sample
+        else:
+            samples.append(sample)
         # Keep one sample older than the window, so the rate covers the whole window.
-        while len(self.samples) > 2 and self.samples[1].at <= sample.at - window:
-            self.samples.popleft()
+        while len(samples) > 2 and samples[1][0] <= sample[0] - window:
+            samples.popleft()
 
-    def delta(self) -> tuple[float, int, int, float]:
-        """(seconds, requests, errors, latency) between the oldest and newest samples."""
-        if len(self.samples) < 2:
+    def delta(self, now: float) -> tuple[float, int, int, float]:
+        """(seconds, requests, errors, latency) from the oldest sample until now. Proxies
+        report only endpoints whose counters moved, so a counter unreported since its
+        last sample has stood still: its rate decays as time passes."""
+        if not self.samples:
             return 0.0, 0, 0, 0.0
         a, b = self.samples[0], self.samples[-1]
-        return b.at - a.at, b.requests - a.requests, b.errors - a.errors, b.latency - a.latency
+        return now - a[0], b[1] - a[1], b[2] - a[2], b[3] - a[3]
 
 
 @dataclass(slots=True)
@@ -97,39 +105,69 @@ class Topology:
         self._clock = clock
         self._wall = wall
         self._window = window
-        # (proxy, service, address) -> counters
-        self._series: dict[tuple[str, str, str], _Series] = {}
+        self._series: dict[Key, dict[str, _Series]] = {}  # endpoint -> proxy -> counters
         self._proxies: dict[str, float] = {}  # proxy id -> last report time
+        self._keys: dict[str, set[Key]] = {}  # proxy id -> endpoints it reports
+        # Health votes kept as reports arrive, so that asking whether an instance is
+        # healthy costs O(1), not a walk over every proxy's series.
+        self._voters: dict[Key, int] = {}
+        self._against: dict[Key, int] = {}
         self._uptime: dict[str, _Uptime] = {}
 
     def report(self, report: pb.ProxyReport) -> None:
         now = self._clock()
-        self._proxies[report.proxy_id] = now
+        proxy = report.proxy_id
+        self._proxies[proxy] = now
+        keys = self._keys.setdefault(proxy, set())
+        window = self._window
         for ep in report.endpoints:
-            key = (report.proxy_id, ep.service, ep.address)
-            series = self._series.setdefault(key, _Series())
-            series.add(_Sample(now, ep.requests, ep.errors, ep.latency_seconds_total), self._window)
-            series.healthy = ep.healthy
-
-    def _live_series(self, now: float) -> Iterable[tuple[str, str, _Series]]:
-        for (proxy, service, address), series in list(self._series.items()):
-            if now - self._proxies.get(proxy, 0.0) > PROXY_STALE:
-                del self._series[(proxy, service, address)]
+            key = (ep.service, ep.address)
+            per = self._series.setdefault(key, {})
+            series = per.get(proxy)
+            if series is None:
+                series = per[proxy] = _Series()
+                keys.add(key)
+                self._voters[key] = self._voters.get(key, 0) + 1
+            elif series.healthy == ep.healthy:
+                series.add((now, ep.requests, ep.errors, ep.latency_seconds_total), window)
                 continue
-            yield service, address, series
+            else:
+                self._against[key] = self._against.get(key, 0) - (not series.healthy)
+            series.healthy = ep.healthy
+            self._against[key] = self._against.get(key, 0) + (not ep.healthy)
+            series.add((now, ep.requests, ep.errors, ep.latency_seconds_total), window)
 
-    def healthy(self, inst: Instance, verdicts: dict[tuple[str, str], list[bool]]) -> bool:
-        """Serving by its own account, and not marked unhealthy by every proxy that sees it."""
-        seen = verdicts.get((inst.service, inst.address))
-        return inst.serving and (not seen or any(seen))
+    def _expire(self, now: float) -> None:
+        """Forgets proxies that stopped reporting: their counters and their votes."""
+        for proxy, at in list(self._proxies.items()):
+            if now - at <= PROXY_STALE:
+                continue
+            del self._proxies[proxy]
+            for key in self._keys.pop(proxy, ()):
+                per = self._series.get(key, {})
+                series = per.pop(proxy, None)
+                if series is not None:
+                    self._voters[key] -= 1
+                    self._against[key] = self._against.get(key, 0) - (not series.healthy)
+                if not per:
+                    self._series.pop(key, None)
+
+    def healthy(self, inst: Instance) -> bool:
+        """Serving by its own account, and not out of rotation at every proxy that
+        reports it."""
+        key = (inst.service, inst.address)
+        voters = self._voters.get(key, 0)
+        return inst.serving and (voters == 0 or self._against.get(key, 0) < voters)
 
     def observe(self, snapshot: Snapshot) -> None:
-        """Integrates uptime up to now with the state as it was; call on every change."""
+        """Integrates uptime up to now with the state as it was; call often (the control
+        plane does every second). O(instances)."""
         now = self._clock()
-        verdicts = self._verdicts(now)
+        self._expire(now)
         up_now: dict[str, bool] = {}
-        for service, instances in snapshot.services().items():
-            up_now[service] = any(self.healthy(i, verdicts) for i in instances)
+        for inst in snapshot.instances.values():
+            if not up_now.get(inst.service):
+                up_now[inst.service] = self.healthy(inst)
         for service in set(up_now) | set(self._uptime):
             u = self._uptime.get(service)
             if u is None:
@@ -139,24 +177,19 @@ class Topology:
             u.last_at = now
             u.was_up = up_now.get(service, False)
 
-    def _verdicts(self, now: float) -> dict[tuple[str, str], list[bool]]:
-        out: dict[tuple[str, str], list[bool]] = {}
-        for service, address, series in self._live_series(now):
-            out.setdefault((service, address), []).append(series.healthy)
-        return out
-
     def view(self, snapshot: Snapshot, config_version: int = 0) -> pb.Topology:
         self.observe(snapshot)
         now = self._clock()
         wall_now = self._wall()
-        verdicts = self._verdicts(now)
-        rates: dict[tuple[str, str], _Rate] = {}
-        for service, address, series in self._live_series(now):
-            rates.setdefault((service, address), _Rate()).add(*series.delta())
+        rates: dict[Key, _Rate] = {}
+        for key, per in self._series.items():
+            r = rates[key] = _Rate()
+            for series in per.values():
+                r.add(*series.delta(now))
         out = pb.Topology(
             catalog_version=snapshot.version,
             config_version=config_version,
-            proxies=sum(1 for t in self._proxies.values() if now - t <= PROXY_STALE),
+            proxies=len(self._proxies),
         )
         total_rpm, total_requests, total_latency = 0.0, 0, 0.0
         uptimes: list[float] = []
@@ -171,7 +204,7 @@ class Topology:
             )
             for inst in instances:
                 r = rates.get((name, inst.address), _Rate())
-                ok = self.healthy(inst, verdicts)
+                ok = self.healthy(inst)
                 status.healthy += ok
                 status.instances.append(
                     pb.InstanceStatus(
