@@ -24,6 +24,47 @@ import grpc.aio
 
 
 @dataclass(slots=True)
+class AttemptFact:
+    """One upstream try of a call, as the forwarder made it."""
+
+    service: str
+    endpoint: str
+    kind: str  # "first", "retry", "hedge" or "resume"
+    started_ns: int  # wall clock (time.time_ns()): traces and audit records use it
+    ended_ns: int = 0
+    code: grpc.StatusCode | None = None  # None while running; OK when it succeeded
+    span: Any = None  # the tracing sink's span for this try, when tracing is on
+
+
+@dataclass(slots=True)
+class CallFacts:
+    """What the proxy learned while forwarding a call, for metrics, traces and audit:
+    filled by the forwarder, read by the sinks when the call ends."""
+
+    route: str = ""  # the traffic policy's name, or "model:<name>"
+    model: str = ""  # the request's model, for Inference calls
+    attempts: list[AttemptFact] = field(default_factory=list)
+    tokens_in: int = 0  # usage.prompt_tokens, as the backend reported it
+    tokens_out: int = 0  # completion tokens delivered to the caller
+    first_token_ns: int = 0  # wall clock of the first token written to the caller
+    resumed: int = 0  # times a broken token stream was resumed elsewhere
+    tenant: str = ""  # the caller's tenant, when the gateway knows it
+    trace_id: str = ""  # W3C trace id (32 hex digits), set by the tracing policy when on
+    # The prompt and the answer, only when an audit setting asks for content: the
+    # forwarder keeps the request bytes and the streamed text (see Forwarder.capture).
+    request: bytes | None = None
+    completion: str = ""
+
+    @property
+    def service(self) -> str:
+        return self.attempts[-1].service if self.attempts else ""
+
+    @property
+    def endpoint(self) -> str:
+        return self.attempts[-1].endpoint if self.attempts else ""
+
+
+@dataclass(slots=True)
 class InboundCall:
     method: str  # "/pkg.Service/Method"
     metadata: tuple[tuple[str, Any], ...]
@@ -33,6 +74,8 @@ class InboundCall:
     identity: str = ""  # who is calling (a SPIFFE ID once mTLS is on; else the peer)
     # Headers to add when the call is forwarded upstream (e.g. a generated request id).
     forward_headers: list[tuple[str, str]] = field(default_factory=list)
+    facts: CallFacts = field(default_factory=CallFacts)
+    started_ns: int = field(default_factory=time.time_ns)
 
     def header(self, key: str) -> str | None:
         for k, v in self.metadata:
@@ -43,6 +86,13 @@ class InboundCall:
     def time_remaining(self) -> float | None:
         remaining: float | None = self.context.time_remaining()
         return remaining
+
+    def details(self) -> str:
+        getter = getattr(self.context, "details", None)
+        details = getter() if getter is not None else None
+        if isinstance(details, bytes):
+            return details.decode("utf-8", "replace")
+        return details if isinstance(details, str) else ""
 
     def code(self) -> grpc.StatusCode:
         """The status the call ended (or is ending) with, as far as grpc knows."""

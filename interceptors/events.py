@@ -6,12 +6,12 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from .base import InboundCall, Next
+from .base import CallFacts, InboundCall, Next
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +21,9 @@ class CallEnded:
     duration: float  # seconds
     request_id: str
     identity: str
+    facts: CallFacts = field(default_factory=CallFacts)
+    started_ns: int = 0  # wall clock when the call arrived
+    details: str = ""  # the status message, for audit records of failed calls
 
 
 Sink = Callable[[CallEnded], None]
@@ -48,7 +51,14 @@ class CallEvents:
             raise
         finally:
             event = CallEnded(
-                call.method, code, time.monotonic() - call.started, call.request_id, call.identity
+                call.method,
+                code,
+                time.monotonic() - call.started,
+                call.request_id,
+                call.identity,
+                call.facts,
+                call.started_ns,
+                call.details() if code is not grpc.StatusCode.OK else "",
             )
             for sink in self.sinks:
                 sink(event)

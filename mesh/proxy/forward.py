@@ -17,13 +17,13 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 
-from aimesh.interceptors.base import current_call
+from aimesh.interceptors.base import AttemptFact, CallFacts, current_call
 from aimesh.interceptors.limits import LimitExceeded
 from aimesh.interceptors.retry_policy import Retry, decide
 
@@ -31,7 +31,7 @@ from ..errors import MeshError
 from .cluster import SS, SU, US, UU, Cluster, Upstream
 from .router import INFERENCE_SERVICE, MODEL_METHODS, RouteDecision, Router, split_path
 from .tokenstream import Delivered, pump, resumed_request
-from .wire import read_string_field
+from .wire import read_string_field, read_usage
 
 # Headers grpc manages itself on each hop; everything else is forwarded as is.
 _HOP_HEADERS = frozenset(
@@ -48,12 +48,28 @@ _HOP_HEADERS = frozenset(
 )
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # (grpc-stubs predates it)
 GENERATE_STREAM = f"/{INFERENCE_SERVICE}/GenerateStream"
+# Unary Inference methods whose response carries `usage` (field 3): tokens for the sinks.
+WITH_USAGE = frozenset({f"/{INFERENCE_SERVICE}/Generate", f"/{INFERENCE_SERVICE}/Embed"})
 MERGE_STREAMS = os.environ.get("AIMESH_MERGE_STREAMS", "1") != "0"
 # Statuses after which a broken token stream is resumed on another endpoint.
 RESUMABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
 MAX_RESUMES = 3
+
+
+class AttemptObserver(Protocol):
+    """Sees each upstream try as it starts and ends (the tracing sink: a span per try).
+    `started` returns headers to add to the upstream call (trace context)."""
+
+    def started(self, facts: CallFacts, attempt: AttemptFact) -> Sequence[tuple[str, str]]: ...
+
+    def ended(self, facts: CallFacts, attempt: AttemptFact) -> None: ...
+
+
+def _facts() -> CallFacts | None:
+    call = current_call()
+    return call.facts if call is not None else None
 
 
 def forwardable(metadata: Any) -> tuple[tuple[str, Any], ...]:
@@ -73,7 +89,19 @@ class Attempt:
     downstream call with UNAVAILABLE. The `except AioRpcError` paths set `code` and
     `trailers`; success leaves `code` None."""
 
-    __slots__ = ("call", "cluster", "code", "context", "fw", "retry", "started", "trailers", "up")
+    __slots__ = (
+        "call",
+        "cluster",
+        "code",
+        "context",
+        "fact",
+        "facts",
+        "fw",
+        "retry",
+        "started",
+        "trailers",
+        "up",
+    )
 
     def __init__(
         self,
@@ -84,12 +112,15 @@ class Attempt:
         call: Any,
         *,
         retry: bool = False,
+        facts: CallFacts | None = None,
+        fact: AttemptFact | None = None,
     ) -> None:
         self.fw, self.context, self.cluster, self.up, self.call = fw, context, cluster, up, call
         self.retry = retry
         self.code: grpc.StatusCode | None = None
         self.trailers: Any = None
         self.started = 0.0
+        self.facts, self.fact = facts, fact
 
     async def __aenter__(self) -> Attempt:
         self.fw._track(self.call)
@@ -114,6 +145,8 @@ class Attempt:
             self.cluster.finished(
                 self.up, time.perf_counter() - self.started, self.code, self.trailers
             )
+            if self.fact is not None and self.facts is not None:
+                self.fw.attempt_ended(self.facts, self.fact, self.code)
 
 
 class Forwarder:
@@ -134,6 +167,9 @@ class Forwarder:
         self.resumed = 0  # token streams resumed on another endpoint
         # A call with less time left than this is not sent upstream: it could not finish.
         self.min_deadline = 0.0
+        self.observer: AttemptObserver | None = None  # tracing, when on
+        # Keep request bytes and streamed text in the call's facts (audit with content).
+        self.capture = False
 
     def _track(self, call: Any) -> None:
         self.calls.add(call)
@@ -147,6 +183,35 @@ class Forwarder:
     async def wait_idle(self) -> None:
         """Returns once no upstream call is in flight."""
         await self._idle.wait()
+
+    # -- what the sinks learn -------------------------------------------------------------
+
+    def attempt(
+        self,
+        facts: CallFacts | None,
+        cluster: Cluster,
+        up: Upstream,
+        kind: str,
+        headers: tuple[tuple[str, Any], ...],
+    ) -> tuple[AttemptFact | None, tuple[tuple[str, Any], ...]]:
+        """Records a try about to start; returns it and the headers to send upstream."""
+        if facts is None:
+            return None, headers
+        fact = AttemptFact(cluster.name, up.address, kind, time.time_ns())
+        facts.attempts.append(fact)
+        if self.observer is not None:
+            extra = self.observer.started(facts, fact)
+            if extra:
+                headers = (*headers, *extra)
+        return fact, headers
+
+    def attempt_ended(
+        self, facts: CallFacts, fact: AttemptFact, code: grpc.StatusCode | None
+    ) -> None:
+        fact.ended_ns = time.time_ns()
+        fact.code = code or grpc.StatusCode.OK
+        if self.observer is not None:
+            self.observer.ended(facts, fact)
 
     def update(self, router: Router, clusters: Mapping[str, Cluster]) -> None:
         """Swaps in a new routing table; calls in flight keep the upstream they have."""
@@ -168,15 +233,22 @@ class Forwarder:
         service, method = split_path(path)
         router = self.router
         model = None
+        facts = _facts()
         if (
-            router.uses_model
+            (router.uses_model or facts is not None)
             and request is not None
             and service == INFERENCE_SERVICE
             and (method in MODEL_METHODS)
         ):
             model = read_string_field(request, 1)
+            if facts is not None and model:
+                facts.model = model
         headers = {k: v for k, v in metadata if isinstance(v, str)} if router.uses_headers else {}
         decision = router.route(service, method, headers, model)
+        if facts is not None and decision is not None:
+            facts.route = decision.policy
+            if self.capture:
+                facts.request = request
         if decision is None:
             what = f"model {model!r}" if model else path
             raise MeshError(
@@ -284,16 +356,18 @@ class Forwarder:
             cluster.limits.start()
         except MeshError as err:
             await context.abort(err.code, err.message)
+        facts = _facts()
+        fact, headers = self.attempt(facts, cluster, up, "first", forwardable(md))
         mc = up.multicallable(path, kind)
-        call = mc(
-            request if requests is None else requests, metadata=forwardable(md), timeout=timeout
-        )
+        call = mc(request if requests is None else requests, metadata=headers, timeout=timeout)
         response = None
         sent = False
-        async with Attempt(self, context, cluster, up, call) as attempt:
+        async with Attempt(self, context, cluster, up, call, facts=facts, fact=fact) as attempt:
             try:
                 if kind == UU or kind == SU:
                     response = await call
+                    if facts is not None and path in WITH_USAGE:
+                        facts.tokens_in, facts.tokens_out = read_usage(response, 3)
                 initial = await call.initial_metadata()
                 if initial:  # an empty send would cost a batch of its own
                     await context.send_initial_metadata(initial)
@@ -322,6 +396,7 @@ class Forwarder:
         remaining = context.time_remaining()
         end = None if remaining is None else loop.time() + remaining
         fwd_md = forwardable(md)
+        facts = _facts()
         tried: list[str] = []
         attempt = 1
         since_pushback = 1  # gRFC A6: the backoff sequence restarts after a pushback retry
@@ -350,10 +425,17 @@ class Forwarder:
                 if attempt == 1
                 else (*fwd_md, ("grpc-previous-rpc-attempts", str(attempt - 1)))
             )
+            fact, headers = self.attempt(
+                facts, cluster, up, "first" if attempt == 1 else "retry", headers
+            )
             call = up.multicallable(path, UU)(request, metadata=headers, timeout=timeout)
-            async with Attempt(self, context, cluster, up, call, retry=attempt > 1) as try_:
+            async with Attempt(
+                self, context, cluster, up, call, retry=attempt > 1, facts=facts, fact=fact
+            ) as try_:
                 try:
                     response = await call
+                    if facts is not None and path in WITH_USAGE:
+                        facts.tokens_in, facts.tokens_out = read_usage(response, 3)
                     initial = await call.initial_metadata()
                     if initial:
                         await context.send_initial_metadata(initial)
@@ -417,8 +499,11 @@ class Forwarder:
         hedge = decision.hedge
         assert hedge is not None
         fwd_md = forwardable(md)
+        facts = _facts()
         tried: list[str] = []
-        running: dict[asyncio.Task[Any], tuple[Cluster, Upstream, Any, float]] = {}
+        running: dict[
+            asyncio.Task[Any], tuple[Cluster, Upstream, Any, float, AttemptFact | None]
+        ] = {}
         last: grpc.aio.AioRpcError | None = None
 
         def launch() -> None:
@@ -431,18 +516,23 @@ class Forwarder:
             tried.append(up.address)
             cluster.limits.start()
             headers = fwd_md if n == 0 else (*fwd_md, ("grpc-previous-rpc-attempts", str(n)))
+            fact, headers = self.attempt(
+                facts, cluster, up, "first" if n == 0 else "hedge", headers
+            )
             call = up.multicallable(path, UU)(
                 request, metadata=headers, timeout=self._timeout(context, decision, cluster)
             )
             self._track(call)
             task = asyncio.ensure_future(_settle(call))
-            running[task] = (cluster, up, call, time.perf_counter())
+            running[task] = (cluster, up, call, time.perf_counter(), fact)
 
         def close(task: asyncio.Task[Any], code: grpc.StatusCode | None, trailers: Any) -> None:
-            cluster, up, call, started = running.pop(task)
+            cluster, up, call, started, fact = running.pop(task)
             self._untrack(call)
             cluster.limits.finish()
             cluster.finished(up, time.perf_counter() - started, code, trailers)
+            if facts is not None and fact is not None:
+                self.attempt_ended(facts, fact, code)
 
         launch()
         try:
@@ -457,6 +547,8 @@ class Forwarder:
                     response, initial, trailers, exc = task.result()
                     close(task, exc.code() if exc else None, trailers)
                     if exc is None:
+                        if facts is not None and path in WITH_USAGE:
+                            facts.tokens_in, facts.tokens_out = read_usage(response, 3)
                         if initial:
                             await context.send_initial_metadata(initial)
                         context.set_trailing_metadata(trailers)
@@ -469,7 +561,7 @@ class Forwarder:
             assert last is not None
             await self._relay_error(context, last)
         finally:
-            for task, (_, _, call, _) in list(running.items()):
+            for task, (_, _, call, _, _) in list(running.items()):
                 call.cancel()  # the losers
                 task.cancel()
                 close(task, grpc.StatusCode.CANCELLED, None)
@@ -490,10 +582,36 @@ class Forwarder:
         except MeshError as err:
             await context.abort(err.code, err.message)
         fwd_md = forwardable(md)
+        facts = _facts()
         delivered = Delivered()
         tried: list[str] = []
         body = request
         write = context.write
+        try:
+            await self._stream_attempts(
+                path, context, request, decision, fwd_md, facts, delivered, tried, body, write
+            )
+        finally:
+            if facts is not None:
+                facts.tokens_out = delivered.tokens
+                facts.tokens_in = delivered.prompt_tokens
+                if self.capture:
+                    facts.completion = delivered.text
+
+    async def _stream_attempts(
+        self,
+        path: str,
+        context: Any,
+        request: bytes,
+        decision: RouteDecision,
+        fwd_md: tuple[tuple[str, Any], ...],
+        facts: CallFacts | None,
+        delivered: Delivered,
+        tried: list[str],
+        body: bytes,
+        write: Any,
+    ) -> None:
+        kind = "first"
         while True:
             try:
                 cluster, up = self.pick(decision, tuple(tried))
@@ -507,12 +625,15 @@ class Forwarder:
                         "delivered before the stream broke",
                     )
                 await context.abort(err.code, err.message)
-            call = up.multicallable(path, US)(body, metadata=fwd_md, timeout=timeout)
-            async with Attempt(self, context, cluster, up, call) as attempt:
+            fact, headers = self.attempt(facts, cluster, up, kind, fwd_md)
+            call = up.multicallable(path, US)(body, metadata=headers, timeout=timeout)
+            async with Attempt(self, context, cluster, up, call, facts=facts, fact=fact) as attempt:
                 try:
                     # The first chunk is read here, before the pump's reader task exists:
                     # one task switch less on the way to the caller's first token.
                     first = await call.read()
+                    if facts is not None and not facts.first_token_ns and first is not EOF:
+                        facts.first_token_ns = time.time_ns()
                     initial = await call.initial_metadata()
                     if initial and not delivered.headers_sent:
                         await context.send_initial_metadata(initial)
@@ -537,8 +658,12 @@ class Forwarder:
             if delivered.tokens:
                 self.resumed += 1
                 body = resumed_request(request, delivered)
+                kind = "resume"
+                if facts is not None:
+                    facts.resumed += 1
             else:
                 cluster.retries += 1
+                kind = "retry"
             if delay:
                 await asyncio.sleep(delay)
 

@@ -24,14 +24,15 @@ from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from aimesh.inference.v1 import inference_pb2
-from aimesh.interceptors.events import Counters
+from aimesh.interceptors.base import Policy
+from aimesh.interceptors.events import Counters, Sink
 
 from ..config import MeshConfig, ServiceSpec
 from ..serving import HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA, Health, bind, server_options
 from ..serving import _register_reflection_v1_descriptor as register_v1_descriptor
 from . import descriptors
 from .cluster import Cluster, EndpointAddr, OutlierPolicy, insecure_channel_factory
-from .forward import Forwarder, GenericHandler
+from .forward import AttemptObserver, Forwarder, GenericHandler
 from .health import HealthChecker, HealthPolicy
 from .router import Router
 from .stack import inbound_stack
@@ -139,6 +140,10 @@ class Proxy:
             ]
         )
         self.counters = Counters()  # calls by method and status, from the inbound stack
+        # Everything that hears of each call's end (metrics, audit: add before start()).
+        self.sinks: list[Sink] = [self.counters]
+        self.outer_policies: list[Policy] = []  # around everything (tracing's server span)
+        self.observer: AttemptObserver | None = None  # each upstream try (tracing)
         self.forwarder: Forwarder | None = None
         self.inbound: Forwarder | None = None
         self.servers: list[grpc.aio.Server] = []
@@ -201,6 +206,7 @@ class Proxy:
         if self.forwarder is None:
             self.forwarder = Forwarder(router, new, rng=self.rng)
             self.forwarder.min_deadline = self.settings.min_deadline
+            self.forwarder.observer = self.observer
         else:
             self.forwarder.update(router, new)
         for cluster in new.values():
@@ -261,7 +267,9 @@ class Proxy:
     def _server(self, forwarder: Forwarder) -> tuple[grpc.aio.Server, Health]:
         server = grpc.aio.server(
             options=server_options(self.settings.max_message_bytes),
-            interceptors=[inbound_stack(self.settings.min_deadline, self.counters)],
+            interceptors=[
+                inbound_stack(self.settings.min_deadline, self.sinks, self.outer_policies)
+            ],
         )
         health = Health(server, [])
         ReflectionRelay(self.catalog).register(server)
@@ -286,6 +294,7 @@ class Proxy:
             self.inbound = Forwarder(
                 Router.catch_all("local-app"), {"local-app": local}, rng=self.rng
             )
+            self.inbound.observer = self.observer
             inbound, in_health = self._server(self.inbound)
             self.ports["inbound"] = bind(inbound, self.settings.inbound_listen)
             self.servers.append(inbound)

@@ -2,7 +2,9 @@
 
 Inbound (a grpc.aio server interceptor per listener), outermost first:
 
-    CallEvents      every call's outcome to the sinks (counters; metrics and audit later)
+    (outer)         tracing's server span, when on
+    CallEvents      every call's outcome, with what the forwarder learned, to the sinks
+                    (counters, metrics, audit)
     DeadlineIntake  too little time left: DEADLINE_EXCEEDED before any work
     RequestId       the caller's x-request-id, or a new one sent on upstream
     Identity        who is calling (SPIFFE ID under mTLS, else the peer)
@@ -22,15 +24,23 @@ from __future__ import annotations
 
 from aimesh.interceptors.base import Stack
 from aimesh.interceptors.deadline_intake import DeadlineIntake
-from aimesh.interceptors.events import CallEvents, Counters
+from collections.abc import Sequence
+
+from aimesh.interceptors.base import Policy
+from aimesh.interceptors.events import CallEvents, Sink
 from aimesh.interceptors.identity import Identity
 from aimesh.interceptors.request_id import RequestId
 
 
-def inbound_stack(min_deadline: float, counters: Counters) -> Stack:
+def inbound_stack(
+    min_deadline: float, sinks: Sequence[Sink], outer: Sequence[Policy] = ()
+) -> Stack:
+    """`outer`: policies that must wrap everything, even the events (a trace's server
+    span, so the call's whole time is inside it)."""
     return Stack(
         [
-            CallEvents([counters]),
+            *outer,
+            CallEvents(sinks),
             DeadlineIntake(min_deadline),
             RequestId(),
             Identity(),

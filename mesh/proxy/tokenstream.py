@@ -33,6 +33,7 @@ class Delivered:
     next_index: int | None = None  # index the next chunk must carry
     finished: bool = False
     headers_sent: bool = False
+    prompt_tokens: int = 0  # from the usage on the last chunk
 
     @property
     def text(self) -> str:
@@ -46,6 +47,8 @@ class Delivered:
         self.next_index = chunk.index + chunk.token_count
         if chunk.finish_reason:
             self.finished = True
+        if chunk.HasField("usage"):
+            self.prompt_tokens = chunk.usage.prompt_tokens
 
 
 def resumed_request(original: bytes, delivered: Delivered) -> bytes:

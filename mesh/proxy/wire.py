@@ -51,3 +51,52 @@ def read_string_field(data: bytes, field_number: int) -> str | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return found
+
+
+def read_usage(data: bytes, field_number: int) -> tuple[int, int]:
+    """(prompt_tokens, completion_tokens) of the `Usage` message in `field_number` (fields
+    1 and 2 in it), read off the wire; (0, 0) if absent or malformed."""
+    prompt = completion = 0
+    pos, end = 0, len(data)
+    try:
+        while pos < end:
+            key, pos = _varint(data, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 2:
+                length, pos = _varint(data, pos)
+                if number == field_number:
+                    prompt, completion = _usage(data[pos : pos + length])
+                pos += length
+            elif wire_type == 5:
+                pos += 4
+            else:
+                break
+    except ValueError:
+        return 0, 0
+    return prompt, completion
+
+
+def _usage(data: bytes) -> tuple[int, int]:
+    values = {1: 0, 2: 0}
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _varint(data, pos)
+            if number in values:
+                values[number] = value
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 2:
+            length, pos = _varint(data, pos)
+            pos += length
+        elif wire_type == 5:
+            pos += 4
+        else:
+            break
+    return values[1], values[2]
