@@ -22,11 +22,10 @@ Then the forwarder (mesh/proxy/forward.py), per call:
 
 from __future__ import annotations
 
-from aimesh.interceptors.base import Stack
-from aimesh.interceptors.deadline_intake import DeadlineIntake
 from collections.abc import Sequence
 
-from aimesh.interceptors.base import Policy
+from aimesh.interceptors.base import Policy, Stack
+from aimesh.interceptors.deadline_intake import DeadlineIntake
 from aimesh.interceptors.events import CallEvents, Sink
 from aimesh.interceptors.identity import Identity
 from aimesh.interceptors.request_id import RequestId
