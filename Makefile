@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml setup.py
 run: $(STAMP)
 	$(VENV)/bin/aimesh demo
 
-# The etcd store's tests start their own etcd on free ports; install it first if need be.
+# The etcd store's tests start their own etcd on free ports, and the metrics test its own
+# Prometheus: install them first if need be.
 test: $(STAMP)
 	@scripts/install-etcd.sh
+	@scripts/install-prometheus.sh
+	@scripts/install-chromium.sh  # the control plane's web page is tested in headless Chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Regenerates gen/ (grpcio + .pyi) and clients/betterproto (betterproto2) from protos/.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ import grpc.aio
 
 from . import runtime
 from .errors import status_code_from_name, status_code_from_number
+from .observability.tracing import add_tracing_flags, flags_from_args
 from .units import parse_duration
 
 EXIT_USAGE = 2
@@ -129,6 +131,7 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     reg.add_argument("--version", dest="build_version", default="", help="version label, e.g. v2")
     reg.add_argument("--weight", type=int, default=1, help="relative share of traffic (default 1)")
     reg.add_argument("--ttl", type=_duration, default=5.0, help="lease ttl (default 5s)")
+    add_tracing_flags(p)
     p.add_argument(
         "--grace",
         type=_duration,
@@ -195,6 +198,7 @@ def _cmd_backend_sim(args: argparse.Namespace) -> int:
             seed=args.seed,
             grace=args.grace,
             registration=registration,
+            tracing=flags_from_args(args),
         )
     )
     return 0
@@ -213,10 +217,13 @@ def _rpc_error(prog: str, exc: grpc.RpcError, target: str) -> int:
     return EXIT_RPC
 
 
-async def _chat(args: argparse.Namespace) -> int:
+async def _chat(args: argparse.Namespace, interceptors: Sequence[object] = ()) -> int:
     from aimesh.clients import AsyncInferenceClient
 
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    async with grpc.aio.insecure_channel(
+        args.target,
+        interceptors=list(interceptors) or None,  # type: ignore[arg-type]
+    ) as channel:
         client = AsyncInferenceClient(channel, model=args.model, timeout=args.timeout)
         started = time.perf_counter()
         first: float | None = None
@@ -328,6 +335,13 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    from .observability.audit import settings_from_args as audit_settings
+
+    try:
+        audit = audit_settings(args)
+    except ValueError as exc:
+        print(f"aimesh proxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     settings = ProxySettings(
         listen=args.listen,
         mode=args.mode,
@@ -336,6 +350,8 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         extra_endpoints=extra,
         seed=args.seed,
+        audit=audit,
+        tracing=flags_from_args(args),
     )
     mesh = None
     if args.control_plane:
@@ -359,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     backend = sub.add_parser("backend", help="run an AI backend that serves the Inference API")
     backend_sub = backend.add_subparsers(dest="backend", metavar="KIND", required=True)
     _add_sim_parser(backend_sub)
+    from .providers.cli import add_parsers as add_provider_parsers
+
+    add_provider_parsers(backend_sub)
 
     chat = sub.add_parser("chat", help="stream a completion to the terminal")
     chat.add_argument("prompt", help="what to ask")
@@ -370,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--timeout", type=_duration, default=60.0, help="deadline (default 60s)")
     chat.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    add_tracing_flags(chat)
 
     models = sub.add_parser("models", help="list the models a backend or proxy serves")
     models.add_argument("--target", default="127.0.0.1:50051")
@@ -447,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.001,
         help="calls with less time left fail at once with DEADLINE_EXCEEDED (default 1ms)",
     )
+    from .observability.audit import add_proxy_flags as add_audit_flags
+
+    add_audit_flags(proxy)
+    add_tracing_flags(proxy)
 
     config = sub.add_parser("config", help="work with ServiceMesh config files")
     config_sub = config.add_subparsers(dest="config_cmd", metavar="ACTION", required=True)
@@ -471,9 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--admin", default=None, help="HOST:PORT for the HTTP admin endpoint")
     cp.add_argument("--dns", default=None, help="HOST:PORT to answer DNS (SRV, A) for services")
     cp.add_argument("--mesh-domain", default="mesh.local", help="DNS domain (default mesh.local)")
+    add_tracing_flags(cp)
     from .control.cli import add_parsers as add_control_parsers
 
     add_control_parsers(sub)
+    from .observability.audit_report import add_parsers as add_audit_parsers
+
+    add_audit_parsers(sub)
 
     demo = sub.add_parser("demo", help="a local setup of sim backends with a streamed answer")
     demo.add_argument("--host", default="127.0.0.1")
@@ -485,9 +513,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "backend":
+            if args.backend != "sim":
+                from .providers.cli import run as run_provider_backend
+
+                return run_provider_backend(args)
             return _cmd_backend_sim(args)
         if args.command == "chat":
-            return asyncio.run(_chat(args))
+            from .observability.tracing import client_tracing
+
+            with client_tracing("aimesh-chat", flags_from_args(args), os.environ) as traced:
+                return asyncio.run(_chat(args, traced))
         if args.command == "models":
             return asyncio.run(_models(args))
         if args.command == "sim":
@@ -509,12 +544,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.admin,
                     args.dns,
                     args.mesh_domain,
+                    flags_from_args(args),
                 )
             )
         if args.command in ("apply", "get", "status", "deregister"):
             from .control.cli import run as run_control_cli
 
             return run_control_cli(args)
+        if args.command == "audit":
+            from .observability.audit_report import run as run_audit_report
+
+            return run_audit_report(args)
         if args.command == "demo":
             from .demo import run_demo
 

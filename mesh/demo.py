@@ -126,6 +126,8 @@ def run_demo(host: str = "127.0.0.1", once: bool = False) -> int:
         )
         running.append(cp)
         print(f"  {cp.output[-1].strip()}", flush=True)
+        cp_admin = procs.wait_for_output(cp, "admin on").split("admin on ", 1)[1].split(";")[0]
+        dashboard = cp_admin.replace("/topology", "/")
         specs = [
             (f"{service}-{i}", service, model, version)
             for service, model, count, version in FLEET
@@ -202,6 +204,7 @@ def run_demo(host: str = "127.0.0.1", once: bool = False) -> int:
             "  .venv/bin/aimesh apply -f deploy/examples/control-plane.yaml  # gpt-4 canary only\n"
             f"  .venv/bin/aimesh chat --target {target} --model claude-3-5-sonnet 'hello'\n"
             f"  curl {admin.replace('/clusters', '/mesh')}\n"
+            f"  open {dashboard} in a browser: the live topology\n"
             "Press Ctrl-C to stop.",
             flush=True,
         )

@@ -118,9 +118,14 @@ def start(
 
 
 def start_sim(
-    name: str, models: Sequence[str], *extra: str, host: str = "127.0.0.1", timeout: float = 20.0
+    name: str,
+    models: Sequence[str],
+    *extra: str,
+    host: str = "127.0.0.1",
+    timeout: float = 20.0,
+    env: dict[str, str] | None = None,
 ) -> Proc:
     args = ["backend", "sim", "--listen", f"{host}:0", "--instance-id", name]
     for m in models:
         args += ["--model", m]
-    return start(name, aimesh_command(*args, *extra), timeout=timeout)
+    return start(name, aimesh_command(*args, *extra), timeout=timeout, env=env)

@@ -42,12 +42,14 @@ from .schema import (
     MeshConfig,
     Metadata,
     MtlsSpec,
+    ObservabilitySpec,
     OutlierSpec,
     RetrySpec,
     Route,
     RouteMatch,
     SecuritySpec,
     ServiceSpec,
+    TracingSpec,
     TrafficPolicy,
 )
 
@@ -727,6 +729,33 @@ _security = _section(
 )
 
 
+# --- observability --------------------------------------------------------------------
+
+
+def _otlp_endpoint(node: object, at: _At) -> str:
+    """HOST:PORT of an OTLP/gRPC collector, or http(s)://HOST:PORT as OTEL_* variables
+    write it (http: plaintext, as HOST:PORT; https: TLS)."""
+    text = _str(node, at)
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme not in ("http", "https"):
+        raise _Invalid(f"{_show(text)}: the scheme must be http or https, or none (HOST:PORT)")
+    _host_port(rest.rstrip("/") if sep else text)
+    return text
+
+
+_tracing = _section(
+    TracingSpec,
+    [
+        _Field("enabled", "enabled", _bool),
+        _Field("endpoint", "endpoint", _otlp_endpoint),
+        _Field("samplingRatio", "sampling_ratio", _percent),
+        _Field("serviceName", "service_name", _nonempty),
+    ],
+)
+
+_observability = _section(ObservabilitySpec, [_Field("tracing", "tracing", _tracing)])
+
+
 def _spec(node: object, at: _At) -> dict[str, Any] | None:
     return _fields(
         node,
@@ -735,6 +764,7 @@ def _spec(node: object, at: _At) -> dict[str, Any] | None:
             _Field("services", "services", _services),
             _Field("trafficPolicies", "traffic_policies", _policies),
             _Field("security", "security", _security),
+            _Field("observability", "observability", _observability),
         ],
     )
 
@@ -781,6 +811,7 @@ def _warnings(cfg: MeshConfig) -> Iterator[str]:
     yield from _shadowed(cfg)
     yield from _inert_breakers(cfg)
     yield from _security_warnings(cfg.security)
+    yield from _inert_tracing(cfg.observability.tracing)
 
 
 def _undeclared(cfg: MeshConfig) -> Iterator[str]:
@@ -840,6 +871,14 @@ def _security_warnings(security: SecuritySpec) -> Iterator[str]:
         yield (
             "spec.security.authorization.enabled: authorization is not enforced yet; this "
             "version of aimesh does not implement it, so every call is allowed"
+        )
+
+
+def _inert_tracing(tracing: TracingSpec) -> Iterator[str]:
+    if not tracing.enabled and tracing != TracingSpec():
+        yield (
+            "spec.observability.tracing.enabled: false (the default), so the tracing settings "
+            "given have no effect (--otlp-endpoint and the OTEL_* environment still apply)"
         )
 
 

@@ -223,12 +223,29 @@ class SecuritySpec:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSpec:
+    """Distributed tracing with OpenTelemetry: spans exported over OTLP/gRPC. Settings
+    left out (None) come from the standard OTEL_* environment variables."""
+
+    enabled: bool = False  # false: only --otlp-endpoint or OTEL_* variables turn it on
+    endpoint: str | None = None  # the collector, HOST:PORT (or http(s)://HOST:PORT)
+    sampling_ratio: float | None = None  # share of new traces kept, 0 to 1 (default 1)
+    service_name: str | None = None  # resource service.name (default aimesh-proxy, ...)
+
+
+@dataclass(frozen=True, slots=True)
+class ObservabilitySpec:
+    tracing: TracingSpec = field(default_factory=TracingSpec)
+
+
+@dataclass(frozen=True, slots=True)
 class MeshConfig:
     metadata: Metadata
     services: tuple[ServiceSpec, ...] = ()
     # In order: the first policy whose match holds decides where a call goes.
     traffic_policies: tuple[TrafficPolicy, ...] = ()
     security: SecuritySpec = field(default_factory=SecuritySpec)
+    observability: ObservabilitySpec = field(default_factory=ObservabilitySpec)
     api_version: str = API_VERSION
     kind: str = KIND
     warnings: tuple[str, ...] = ()  # found while loading; never fatal

@@ -45,6 +45,11 @@ def summary(cfg: MeshConfig) -> str:
     sec = cfg.security
     authz = "on" if sec.authorization.enabled else "off"
     lines.append(f"security: mTLS {sec.mtls.mode}, authorization {authz}")
+    tracing = cfg.observability.tracing
+    if tracing.enabled:
+        where = tracing.endpoint or "the OTEL_* collector"
+        share = _percent(tracing.sampling_ratio) if tracing.sampling_ratio is not None else None
+        lines.append(f"tracing: to {where}" + (f", {share} of new traces" if share else ""))
     if cfg.warnings:
         lines.append(f"warnings ({len(cfg.warnings)}):")
         lines += [f"  - {w}" for w in cfg.warnings]

@@ -12,7 +12,10 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from ..admin import AdminServer, Response, json_response, text_response
+from ..observability.metrics import control_plane_registry, metrics_route
+from ..observability.tracing import TracingFlags, setup_tracing, shutdown_tracing
 from ..serving import host_of, stop_on_signals
+from .dashboard import dashboard
 from .server import ControlPlane, ControlPlaneServer
 from .store import EmbeddedStore, Store
 
@@ -64,7 +67,10 @@ def admin_routes(cp: ControlPlane, server: ControlPlaneServer) -> dict[str, obje
 
     return {
         "/ready": lambda: text_response("ready\n"),
+        "/metrics": metrics_route(control_plane_registry(cp)),
         "/topology": topology,
+        "/": dashboard,  # the live topology page, polling /topology
+        "/dashboard": dashboard,
         "/catalog": catalog,
         "/config": config,
     }
@@ -76,6 +82,7 @@ async def run(
     admin: str | None,
     dns: str | None,
     mesh_domain: str,
+    tracing: TracingFlags | None = None,
 ) -> int:
     logging.basicConfig(
         level=logging.INFO,
@@ -88,7 +95,9 @@ async def run(
         print(f"aimesh control-plane: {exc}", file=sys.stderr)
         return 2
     cp = ControlPlane(store)
-    server = ControlPlaneServer(cp)
+    # Spans of the API's unary calls, when --otlp-endpoint or OTEL_* name a collector.
+    provider = setup_tracing("aimesh-control-plane", None, os.environ, tracing)
+    server = ControlPlaneServer(cp, tracer_provider=provider)
     try:
         port = await server.start(listen)
     except Exception as exc:  # the store could not open: say which and why, then exit
@@ -125,5 +134,6 @@ async def run(
     if admin_server is not None:
         await admin_server.stop()
     await server.stop()
+    await asyncio.to_thread(shutdown_tracing, provider)  # the last spans
     print("aimesh control-plane: stopped", file=sys.stderr, flush=True)
     return 0

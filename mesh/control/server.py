@@ -71,6 +71,13 @@ class ControlPlane:
         # The full catalog as a watch update, built once per version for every watcher
         # that needs one (a new watcher, or one too far behind for increments).
         self._full: tuple[int, pb.CatalogUpdate] | None = None
+        # Counters for metrics, read when /metrics is scraped (mesh/observability/metrics.py).
+        self.registrations = 0  # through this replica
+        self.deregistrations = 0  # Deregister calls to this replica that removed an instance
+        self.applies: dict[str, int] = dict.fromkeys(
+            ("applied", "unchanged", "rejected", "conflict", "dry_run"), 0
+        )
+        self.watchers: dict[str, int] = {"catalog": 0, "config": 0}  # open Watch streams
 
     def full_update(self, snap: Snapshot) -> pb.CatalogUpdate:
         if self._full is None or self._full[0] != snap.version:
@@ -173,6 +180,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         inst = replace(inst, registered_at=time.time(), lease_id=0)
         lease_id, version = await _store_call(context, self.cp.store.register(inst, ttl))
         await self.cp.wait_catalog(version)
+        self.cp.registrations += 1
         log.info(
             "registered %s/%s at %s (lease %d)",
             inst.service,
@@ -223,6 +231,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                 f"no registered instance {what}; `aimesh get instances` lists them",
             )
         await self.cp.wait_catalog(version)
+        self.cp.deregistrations += 1
         log.info("deregistered %s", what)
         return pb.DeregisterResponse(version=version)
 
@@ -247,16 +256,20 @@ class RegistryService(pb_grpc.RegistryServicer):
         services = set(request.services)
         last = request.since_version
         first = True
-        while True:
-            event = self.cp.catalog_signal.current  # before reading, so no change is missed
-            snap = self.cp.catalog.snapshot
-            if first or snap.version != last:
-                update = self._update(snap, last, services, first)
-                if update is not None:
-                    yield update
-                first = False
-                last = snap.version
-            await event.wait()
+        self.cp.watchers["catalog"] += 1
+        try:
+            while True:
+                event = self.cp.catalog_signal.current  # before reading: no change is missed
+                snap = self.cp.catalog.snapshot
+                if first or snap.version != last:
+                    update = self._update(snap, last, services, first)
+                    if update is not None:
+                        yield update
+                    first = False
+                    last = snap.version
+                await event.wait()
+        finally:
+            self.cp.watchers["catalog"] -= 1
 
     def _update(
         self, snap: Snapshot, since: int, services: set[str], first: bool
@@ -293,9 +306,11 @@ class ConfigService(pb_grpc.ConfigServicer):
         try:
             mesh = load_text(request.document, source=source)
         except ConfigError as exc:
+            self.cp.applies["rejected"] += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         errors = consistency.problems(mesh, self.cp.catalog.snapshot)
         if errors:
+            self.cp.applies["rejected"] += 1
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, str(ConfigError(errors, source=source))
             )
@@ -304,9 +319,11 @@ class ConfigService(pb_grpc.ConfigServicer):
         live = self.cp.config
         response = pb.ApplyConfigResponse(warnings=warnings, summary=summary(mesh))
         if request.dry_run:
+            self.cp.applies["dry_run"] += 1
             response.version = live.version if live else 0
             return response
         if live is not None and live.document == request.document:
+            self.cp.applies["unchanged"] += 1
             response.version = live.version
             return response
         try:
@@ -317,8 +334,10 @@ class ConfigService(pb_grpc.ConfigServicer):
                 ),
             )
         except Conflict as exc:
+            self.cp.applies["conflict"] += 1
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         await self.cp.wait_config(record.version)
+        self.cp.applies["applied"] += 1
         log.info("config v%d applied from %s (%s)", record.version, source, mesh.metadata.name)
         response.version = record.version
         response.changed = True
@@ -337,13 +356,17 @@ class ConfigService(pb_grpc.ConfigServicer):
         self, request: pb.WatchConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ConfigVersion]:
         last = request.since_version
-        while True:
-            event = self.cp.config_signal.current
-            record = self.cp.config
-            if record is not None and record.version != last:
-                yield record.to_proto()
-                last = record.version
-            await event.wait()
+        self.cp.watchers["config"] += 1
+        try:
+            while True:
+                event = self.cp.config_signal.current
+                record = self.cp.config
+                if record is not None and record.version != last:
+                    yield record.to_proto()
+                    last = record.version
+                await event.wait()
+        finally:
+            self.cp.watchers["config"] -= 1
 
 
 class StatusService(pb_grpc.StatusServicer):
@@ -368,14 +391,27 @@ class StatusService(pb_grpc.StatusServicer):
         return self.cp.topology.view(self.cp.catalog.snapshot, cfg.version if cfg else 0)
 
 
+# Long-lived streams (a span would last as long as the watcher): not traced.
+STREAMS = frozenset(
+    {
+        "/aimesh.mesh.v1.Registry/KeepAlive",
+        "/aimesh.mesh.v1.Registry/Watch",
+        "/aimesh.mesh.v1.Config/Watch",
+    }
+)
+
+
 class ControlPlaneServer:
     """The gRPC server with the three services, health and reflection."""
 
-    def __init__(self, cp: ControlPlane) -> None:
+    def __init__(self, cp: ControlPlane, tracer_provider: Any = None) -> None:
         self.cp = cp
-        self.server = grpc.aio.server(
-            options=server_options(), interceptors=[DecodeErrorInterceptor()]
-        )
+        interceptors: list[Any] = [DecodeErrorInterceptor()]
+        if tracer_provider is not None:  # a server span per unary call, not per stream
+            from ..observability.tracing import server_interceptor
+
+            interceptors.insert(0, server_interceptor(tracer_provider, skip=STREAMS))
+        self.server = grpc.aio.server(options=server_options(), interceptors=interceptors)
         pb_grpc.add_RegistryServicer_to_server(RegistryService(cp), self.server)
         pb_grpc.add_ConfigServicer_to_server(ConfigService(cp), self.server)
         self.status = StatusService(cp)

@@ -138,6 +138,7 @@ class EmbeddedStore:
         self._db: sqlite3.Connection | None = None
         self._events: StoreEvents | None = None
         self._wake = asyncio.Event()
+        self.expired = 0  # instances removed because their lease ran out (for metrics)
         self._expiry: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -329,3 +330,4 @@ class EmbeddedStore:
                 for lid in expired:
                     self._by_lease.pop(lid, None)
                 self._drop(keys)
+                self.expired += len(keys)

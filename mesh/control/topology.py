@@ -137,6 +137,11 @@ class Topology:
             self._against[key] = self._against.get(key, 0) + (not ep.healthy)
             series.add((now, ep.requests, ep.errors, ep.latency_seconds_total), window)
 
+    def reporting(self) -> int:
+        """Proxies that have reported within PROXY_STALE."""
+        now = self._clock()
+        return sum(1 for at in self._proxies.values() if now - at <= PROXY_STALE)
+
     def _expire(self, now: float) -> None:
         """Forgets proxies that stopped reporting: their counters and their votes."""
         for proxy, at in list(self._proxies.items()):

@@ -47,6 +47,7 @@ _HOP_HEADERS = frozenset(
     }
 )
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # (grpc-stubs predates it)
+GENERATE = f"/{INFERENCE_SERVICE}/Generate"
 GENERATE_STREAM = f"/{INFERENCE_SERVICE}/GenerateStream"
 # Unary Inference methods whose response carries `usage` (field 3): tokens for the sinks.
 WITH_USAGE = frozenset({f"/{INFERENCE_SERVICE}/Generate", f"/{INFERENCE_SERVICE}/Embed"})
@@ -202,7 +203,10 @@ class Forwarder:
         if self.observer is not None:
             extra = self.observer.started(facts, fact)
             if extra:
-                headers = (*headers, *extra)
+                # The observer's headers replace the caller's of the same name (a trace
+                # context: the upstream's parent is this try, not the caller).
+                keys = {k for k, _ in extra}
+                headers = (*(h for h in headers if h[0] not in keys), *extra)
         return fact, headers
 
     def attempt_ended(
@@ -212,6 +216,12 @@ class Forwarder:
         fact.code = code or grpc.StatusCode.OK
         if self.observer is not None:
             self.observer.ended(facts, fact)
+
+    def usage(self, facts: CallFacts, path: str, response: bytes) -> None:
+        """Tokens of a unary Generate or Embed response (and its text, with capture on)."""
+        facts.tokens_in, facts.tokens_out = read_usage(response, 3)
+        if self.capture and path == GENERATE:
+            facts.completion = read_string_field(response, 1) or ""
 
     def update(self, router: Router, clusters: Mapping[str, Cluster]) -> None:
         """Swaps in a new routing table; calls in flight keep the upstream they have."""
@@ -367,7 +377,7 @@ class Forwarder:
                 if kind == UU or kind == SU:
                     response = await call
                     if facts is not None and path in WITH_USAGE:
-                        facts.tokens_in, facts.tokens_out = read_usage(response, 3)
+                        self.usage(facts, path, response)
                 initial = await call.initial_metadata()
                 if initial:  # an empty send would cost a batch of its own
                     await context.send_initial_metadata(initial)
@@ -435,7 +445,7 @@ class Forwarder:
                 try:
                     response = await call
                     if facts is not None and path in WITH_USAGE:
-                        facts.tokens_in, facts.tokens_out = read_usage(response, 3)
+                        self.usage(facts, path, response)
                     initial = await call.initial_metadata()
                     if initial:
                         await context.send_initial_metadata(initial)
@@ -548,7 +558,7 @@ class Forwarder:
                     close(task, exc.code() if exc else None, trailers)
                     if exc is None:
                         if facts is not None and path in WITH_USAGE:
-                            facts.tokens_in, facts.tokens_out = read_usage(response, 3)
+                            self.usage(facts, path, response)
                         if initial:
                             await context.send_initial_metadata(initial)
                         context.set_trailing_metadata(trailers)

@@ -18,6 +18,8 @@ from ..config import MeshConfig, load_dict, load_file, load_text, summary
 from ..control.catalog import Snapshot
 from ..control.client import MeshState, MeshWatcher, Reporter
 from ..errors import ConfigError
+from ..observability.metrics import metrics_route, proxy_registry
+from ..observability.tracing import proxy_tracing, shutdown_tracing
 from ..serving import stop_on_signals
 from .cluster import EndpointAddr
 from .server import Proxy, ProxySettings
@@ -134,6 +136,9 @@ async def run(
     for w in config.warnings:
         print(f"aimesh proxy: warning: {w}", file=sys.stderr)
     proxy = Proxy(settings)
+    # Tracing from flags, the config file and OTEL_* (read once: reloads do not change it).
+    tracer_provider = proxy_tracing(proxy, config.observability.tracing, os.environ)
+    registry = proxy_registry(proxy) if admin else None  # /metrics (its sink: before start)
     await proxy.start(config)
     watcher = reporter = None
     if mesh is not None:
@@ -152,6 +157,7 @@ async def run(
         admin_server = AdminServer(
             {
                 "/ready": lambda: text_response("ready\n"),
+                "/metrics": metrics_route(registry),
                 "/clusters": lambda: json_response(proxy.snapshot()),
                 "/stats": lambda: json_response(proxy.counters.snapshot()),
                 "/config": lambda: text_response(
@@ -205,6 +211,8 @@ async def run(
     source = Path(config_path).name if config_path else "none"
     if mesh is not None:
         parts.append(f"control plane {mesh.address}")
+    if settings.audit is not None:
+        parts.append(f"audit to {settings.audit.path}")
     print("; ".join(parts) + f"; config {source}: {clusters or 'no services yet'}", flush=True)
     await stop.wait()
     if reporter is not None:
@@ -215,6 +223,7 @@ async def run(
     if admin_server is not None:
         await admin_server.stop()
     cut = await proxy.stop(grace)
+    await asyncio.to_thread(shutdown_tracing, tracer_provider)  # the last spans
     note = f" ({cut} calls cut short after the grace period)" if cut else ""
     print(f"aimesh proxy: stopped{note}", file=sys.stderr, flush=True)
     return 0

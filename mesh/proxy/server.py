@@ -28,6 +28,8 @@ from aimesh.interceptors.base import Policy
 from aimesh.interceptors.events import Counters, Sink
 
 from ..config import MeshConfig, ServiceSpec
+from ..observability.audit import AuditLog, AuditSettings
+from ..observability.tracing import TracingFlags
 from ..serving import HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA, Health, bind, server_options
 from ..serving import _register_reflection_v1_descriptor as register_v1_descriptor
 from . import descriptors
@@ -60,6 +62,9 @@ class ProxySettings:
     extra_endpoints: Mapping[str, Sequence[EndpointAddr]] = field(default_factory=dict)
     seed: int | None = None
     min_deadline: float = 0.001  # calls with less time left fail at once (DEADLINE_EXCEEDED)
+    audit: AuditSettings | None = None  # the audit trail: one JSON line per call, when set
+    # --otlp-endpoint and --trace-sampling (mesh/observability/tracing.py: proxy_tracing).
+    tracing: TracingFlags | None = None
 
 
 def _health_policy(spec: ServiceSpec | None) -> HealthPolicy:
@@ -144,6 +149,7 @@ class Proxy:
         self.sinks: list[Sink] = [self.counters]
         self.outer_policies: list[Policy] = []  # around everything (tracing's server span)
         self.observer: AttemptObserver | None = None  # each upstream try (tracing)
+        self.audit: AuditLog | None = None  # from settings.audit, between start() and stop()
         self.forwarder: Forwarder | None = None
         self.inbound: Forwarder | None = None
         self.servers: list[grpc.aio.Server] = []
@@ -279,6 +285,11 @@ class Proxy:
     async def start(self, config: MeshConfig) -> None:
         self.apply(config)
         assert self.forwarder is not None
+        if self.settings.audit is not None and self.audit is None:
+            self.audit = AuditLog(self.settings.audit)
+            self.audit.start()
+            self.sinks.append(self.audit)
+            self.forwarder.capture |= self.settings.audit.include_content
         outbound, health = self._server(self.forwarder)
         self.ports["listen"] = bind(outbound, self.settings.listen)
         self.servers.append(outbound)
@@ -295,6 +306,7 @@ class Proxy:
                 Router.catch_all("local-app"), {"local-app": local}, rng=self.rng
             )
             self.inbound.observer = self.observer
+            self.inbound.capture = self.forwarder.capture
             inbound, in_health = self._server(self.inbound)
             self.ports["inbound"] = bind(inbound, self.settings.inbound_listen)
             self.servers.append(inbound)
@@ -323,6 +335,8 @@ class Proxy:
                 call.cancel()
         await asyncio.gather(*(s.stop(1.0) for s in self.servers))
         await self.health_checker.close()
+        if self.audit is not None:  # every call has ended: write the last records
+            await self.audit.aclose()
         for t in list(self._tasks):
             t.cancel()
         channels = [u.channel for c in self.clusters.values() for u in c.upstreams.values()]

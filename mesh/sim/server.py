@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sys
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -14,9 +15,18 @@ from aimesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from aimesh.interceptors import DecodeErrorInterceptor
 from aimesh.sim.v1 import sim_pb2, sim_pb2_grpc
 
+from ..observability.tracing import (
+    TracingFlags,
+    server_interceptor,
+    setup_tracing,
+    shutdown_tracing,
+)
 from ..serving import Health, bind, enable_reflection, server_options, stop_on_signals
 from .faults import Faults
 from .service import InferenceService, SimBackend, SimConfig, SimControlService
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 SIM_CONTROL = sim_pb2.DESCRIPTOR.services_by_name["SimControl"].full_name
@@ -57,14 +67,21 @@ async def start_sim(
     *,
     faults: Faults | None = None,
     seed: int | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> RunningSim:
-    """Starts an instance in this event loop (tests use it directly; the CLI wraps it)."""
-    server = grpc.aio.server(options=server_options(), interceptors=[DecodeErrorInterceptor()])
+    """Starts an instance in this event loop (tests use it directly; the CLI wraps it).
+    With a `tracer_provider`, every call but health and reflection gets a server span,
+    child of the caller's trace context, with the GenAI attributes."""
+    interceptors: list[Any] = [DecodeErrorInterceptor()]
+    if tracer_provider is not None:
+        interceptors.insert(0, server_interceptor(tracer_provider))
+    server = grpc.aio.server(options=server_options(), interceptors=interceptors)
     port = bind(server, listen)
     host = listen.rpartition(":")[0]
     if not config.instance_id:
         config = replace(config, instance_id=f"{host}:{port}")
     backend = SimBackend(config, faults=faults, rng=random.Random(seed))
+    backend.traced = tracer_provider is not None
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(backend), server)
     sim_pb2_grpc.add_SimControlServicer_to_server(SimControlService(backend), server)
     health = Health(server, [INFERENCE, SIM_CONTROL])
@@ -83,11 +100,31 @@ async def serve(
     seed: int | None = None,
     grace: float = 10.0,
     registration: Registration | None = None,
+    tracing: TracingFlags | None = None,
 ) -> None:
     """Serves until SIGTERM/SIGINT, then drains for up to `grace` seconds. With a
     `registration`, the instance registers itself once serving and deregisters first
-    thing on SIGTERM, so proxies stop sending before the drain begins."""
-    sim = await start_sim(config, listen, faults=faults, seed=seed)
+    thing on SIGTERM, so proxies stop sending before the drain begins. Traces when
+    `tracing` flags or the OTEL_* environment name a collector."""
+    provider = setup_tracing(
+        "aimesh-sim", None, os.environ, tracing, instance_id=config.instance_id or None
+    )
+    try:
+        await _serve(config, listen, faults, seed, grace, registration, provider)
+    finally:
+        await asyncio.to_thread(shutdown_tracing, provider)  # the last spans
+
+
+async def _serve(
+    config: SimConfig,
+    listen: str,
+    faults: Faults | None,
+    seed: int | None,
+    grace: float,
+    registration: Registration | None,
+    provider: TracerProvider | None,
+) -> None:
+    sim = await start_sim(config, listen, faults=faults, seed=seed, tracer_provider=provider)
     registrar = None
     host = listen.rpartition(":")[0]
     if registration is not None:

@@ -23,6 +23,7 @@ from aimesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from aimesh.sim.v1 import sim_pb2, sim_pb2_grpc
 
 from ..errors import MeshError, invalid_argument, status_code_from_number
+from ..observability.tracing import INFERENCE, annotate_current_span
 from ..orca import ACTIVE, LOAD_TRAILERS, QUEUE_DEPTH, SLOTS, LoadReport
 from .faults import Faults
 from .slots import PoolClosed, QueueFull, SlotPool
@@ -31,6 +32,7 @@ from .tokens import Completion, StopMatcher, count_tokens, embedding
 INSTANCE_TRAILER = "aimesh-instance"
 PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
 MAX_STOP_SEQUENCES = 4
+GENERATE, GENERATE_STREAM, EMBED = (INFERENCE + m for m in ("Generate", "GenerateStream", "Embed"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,7 @@ class SimBackend:
         self.draining = False  # new generations are refused
         self.aborting = False  # in-flight generations end now (grace period over)
         self.inflight = 0
+        self.traced = False  # a tracing interceptor makes spans: add the GenAI attributes
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -343,8 +346,12 @@ class InferenceService(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateChunk]:
         b = self.b
         b.stats.record_call(b.clock())
+        traced, sent, usage = b.traced, 0, None
         try:
             async for chunk in self._generate(request, context):
+                if traced:
+                    sent += chunk.token_count
+                    usage = chunk.usage if chunk.HasField("usage") else usage
                 yield chunk
         except MeshError as err:
             await self._fail(context, err)
@@ -352,6 +359,10 @@ class InferenceService(pb_grpc.InferenceServicer):
             # A cancel that lands while grpc writes a chunk closes the generator instead.
             b.stats.cancelled += 1
             raise
+        finally:
+            if traced:  # this instance's tokens (a resumed stream's are its remainder)
+                prompt_tokens = usage.prompt_tokens if usage is not None else 0
+                annotate_current_span(GENERATE_STREAM, request.model, prompt_tokens, sent)
         context.set_trailing_metadata(b.trailers())
 
     async def Generate(  # noqa: N802
@@ -366,10 +377,15 @@ class InferenceService(pb_grpc.InferenceServicer):
                 parts.append(chunk.text)
                 last = chunk
         except MeshError as err:
+            if b.traced:
+                annotate_current_span(GENERATE, request.model)
             await self._fail(context, err)
         except asyncio.CancelledError:
             b.stats.cancelled += 1
             raise
+        if b.traced:
+            u = last.usage
+            annotate_current_span(GENERATE, request.model, u.prompt_tokens, u.completion_tokens)
         context.set_trailing_metadata(b.trailers())
         return pb.GenerateResponse(
             text="".join(parts),
@@ -399,6 +415,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             await self._fail(context, err)
         dims = request.dimensions or b.config.embedding_dimensions
         tokens = sum(count_tokens(t) for t in request.inputs)
+        if b.traced:
+            annotate_current_span(EMBED, request.model, tokens)
         context.set_trailing_metadata(b.trailers())
         return pb.EmbedResponse(
             embeddings=[

@@ -1,0 +1,1 @@
+"""Observability: what the mesh tells operators about its calls (metrics, traces, audit)."""
