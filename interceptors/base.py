@@ -50,6 +50,10 @@ class CallFacts:
     resumed: int = 0  # times a broken token stream was resumed elsewhere
     tenant: str = ""  # the caller's tenant, when the gateway knows it
     trace_id: str = ""  # W3C trace id (32 hex digits), set by the tracing policy when on
+    served_model: str = ""  # the model the backend was asked for (a route may rewrite it)
+    cost_usd: float = 0.0  # tokens x the model's price in spec.models, when it has one
+    experiment: str = ""  # the traffic policy's experiment, when it names one
+    arm: str = ""  # the experiment arm this call went to (the route's arm name)
     # The prompt and the answer, only when an audit setting asks for content: the
     # forwarder keeps the request bytes and the streamed text (see Forwarder.capture).
     request: bytes | None = None

@@ -29,6 +29,7 @@ from ..units import format_duration, parse_duration, parse_percent
 from .schema import (
     ALGORITHMS,
     API_VERSION,
+    BALANCES,
     KIND,
     MTLS_MODES,
     AuthorizationSpec,
@@ -41,6 +42,7 @@ from .schema import (
     LoadBalancerSpec,
     MeshConfig,
     Metadata,
+    ModelSpec,
     MtlsSpec,
     ObservabilitySpec,
     OutlierSpec,
@@ -580,6 +582,8 @@ _route = _section(
     [
         _Field("destination", "destination", _label, required=True),
         _Field("weight", "weight", _int(0)),
+        _Field("model", "model", _nonempty),
+        _Field("arm", "arm", _nonempty),
     ],
 )
 
@@ -686,6 +690,9 @@ _POLICY_FIELDS = [
     _Field("retry", "retry", _retry),
     _Field("resume", "resume", _bool),
     _Field("hedge", "hedge", _hedge),
+    _Field("balance", "balance", _one_of(BALANCES)),
+    _Field("latencyObjective", "latency_objective", _duration()),
+    _Field("experiment", "experiment", _nonempty),
 ]
 _policy = _section(TrafficPolicy, _POLICY_FIELDS)
 
@@ -698,6 +705,54 @@ def _policies(node: object, at: _At) -> tuple[TrafficPolicy, ...]:
             # gRFC A6: a call is either retried or hedged, never both.
             at.index(i).key("hedge").error("a policy may retry or hedge, not both; remove one")
     return tuple(p for _, p in items)
+
+
+# --- the model catalog ----------------------------------------------------------------------
+
+
+def _price(node: object, at: _At) -> float:
+    """USD per 1M tokens: a number, or a string like "$30" / "30"."""
+    text = node.strip().lstrip("$") if isinstance(node, str) else node
+    try:
+        value = float(text) if isinstance(text, str | int | float) else math.nan
+    except ValueError:
+        value = math.nan
+    if isinstance(node, bool) or not math.isfinite(value) or value < 0:
+        raise _Invalid(f"{_show(node)} is not a price: USD per 1M tokens, 0 or more, e.g. 2.5")
+    return value
+
+
+def _prices(node: object, at: _At) -> dict[str, Any] | None:
+    return _fields(
+        node,
+        at,
+        [
+            _Field("inputPerMillion", "input_price", _price),
+            _Field("outputPerMillion", "output_price", _price),
+        ],
+    )
+
+
+def _model_entry(node: object, at: _At) -> ModelSpec | None:
+    kwargs = _fields(
+        node,
+        at,
+        [
+            _Field("name", "name", _nonempty, required=True),
+            _Field("provider", "provider", _nonempty),
+            _Field("price", "price", _prices),
+        ],
+    )
+    if kwargs is None:
+        return None
+    prices = kwargs.pop("price", None) or {}
+    return ModelSpec(**kwargs, **prices)
+
+
+def _model_catalog(node: object, at: _At) -> tuple[ModelSpec, ...]:
+    items: list[tuple[int, ModelSpec]] = _items(node, at, _model_entry)
+    _duplicates(((at.index(i).key("name"), m.name) for i, m in items), "model name")
+    return tuple(m for _, m in items)
 
 
 # --- security and the document ------------------------------------------------------------
@@ -763,6 +818,7 @@ def _spec(node: object, at: _At) -> dict[str, Any] | None:
         [
             _Field("services", "services", _services),
             _Field("trafficPolicies", "traffic_policies", _policies),
+            _Field("models", "models", _model_catalog),
             _Field("security", "security", _security),
             _Field("observability", "observability", _observability),
         ],
@@ -808,10 +864,27 @@ _UNDECLARED = (
 
 def _warnings(cfg: MeshConfig) -> Iterator[str]:
     yield from _undeclared(cfg)
+    yield from _unpriced(cfg)
     yield from _shadowed(cfg)
     yield from _inert_breakers(cfg)
     yield from _security_warnings(cfg.security)
     yield from _inert_tracing(cfg.observability.tracing)
+
+
+def _unpriced(cfg: MeshConfig) -> Iterator[str]:
+    """`balance: cost` needs prices: a destination whose model has none sorts last."""
+    priced = {m.name for m in cfg.models if m.input_price or m.output_price}
+    for i, p in enumerate(cfg.traffic_policies):
+        if p.balance != "cost":
+            continue
+        for j, r in enumerate(p.routes):
+            models = (r.model,) if r.model else p.match.models
+            if not models or not all(m in priced for m in models):
+                yield (
+                    f"spec.trafficPolicies[{i}].routes[{j}]: balance is cost, but the "
+                    f"model(s) {r.destination} is asked for have no price in spec.models "
+                    "(give the route a model:, or the policy a match on models, and price it)"
+                )
 
 
 def _undeclared(cfg: MeshConfig) -> Iterator[str]:

@@ -163,6 +163,31 @@ class RouteMatch:
 class Route:
     destination: str
     weight: int = 100
+    # Ask this destination for another model (cross-provider failover: a gpt-4 call
+    # served by claude-gateway must ask for a Claude model). None: the caller's model.
+    model: str | None = None
+    arm: str | None = None  # the experiment arm's name (default: the destination)
+
+    @property
+    def arm_name(self) -> str:
+        return self.arm or self.destination
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One entry of the model catalog: who serves it and what it costs."""
+
+    name: str
+    provider: str = ""  # "openai", "anthropic", "self-hosted", ...
+    input_price: float = 0.0  # USD per 1M input (prompt) tokens
+    output_price: float = 0.0  # USD per 1M output (completion) tokens
+
+    def cost(self, tokens_in: int, tokens_out: int) -> float:
+        return (tokens_in * self.input_price + tokens_out * self.output_price) / 1e6
+
+
+BALANCES = ("weighted", "cost")
+Balance = Literal["weighted", "cost"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +222,12 @@ class TrafficPolicy:
     retry: RetrySpec | None = None
     resume: bool = True  # resume broken token streams on another endpoint
     hedge: HedgeSpec | None = None  # unary calls only; a policy has retry or hedge, not both
+    # "weighted": split by the routes' weights. "cost": the cheapest destination (by the
+    # model catalog's prices) that is healthy, not rate-limited and meets the latency
+    # objective; the others in price order are its failover.
+    balance: Balance = "weighted"
+    latency_objective: float | None = None  # seconds: time to first token (or answer)
+    experiment: str | None = None  # tag calls with the experiment and their arm
 
     def shares(self) -> tuple[tuple[str, float], ...]:
         """(destination, fraction of calls) per route; fractions sum to 1."""
@@ -244,6 +275,7 @@ class MeshConfig:
     services: tuple[ServiceSpec, ...] = ()
     # In order: the first policy whose match holds decides where a call goes.
     traffic_policies: tuple[TrafficPolicy, ...] = ()
+    models: tuple[ModelSpec, ...] = ()  # the model catalog: providers and prices
     security: SecuritySpec = field(default_factory=SecuritySpec)
     observability: ObservabilitySpec = field(default_factory=ObservabilitySpec)
     api_version: str = API_VERSION
@@ -253,6 +285,9 @@ class MeshConfig:
     # Linear scans: configs hold tens of services, and the data path builds its own tables.
     def service(self, name: str) -> ServiceSpec | None:
         return next((s for s in self.services if s.name == name), None)
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
 
     def service_for_model(self, model: str) -> ServiceSpec | None:
         return next((s for s in self.services if model in s.models), None)

@@ -42,6 +42,12 @@ def summary(cfg: MeshConfig) -> str:
     lines += [f"  {_service(s)}" for s in cfg.services]
     lines.append(f"traffic policies ({len(cfg.traffic_policies)}), first match wins:")
     lines += [f"  {_policy(p)}" for p in cfg.traffic_policies]
+    if cfg.models:
+        lines.append(f"models ({len(cfg.models)}), USD per 1M tokens in/out:")
+        lines += [
+            f"  {m.name}: {m.provider or 'no provider'}; {m.input_price:g} / {m.output_price:g}"
+            for m in cfg.models
+        ]
     sec = cfg.security
     authz = "on" if sec.authorization.enabled else "off"
     lines.append(f"security: mTLS {sec.mtls.mode}, authorization {authz}")
@@ -73,8 +79,19 @@ def _service(s: ServiceSpec) -> str:
 
 
 def _policy(p: TrafficPolicy) -> str:
-    split = ", ".join(f"{dest} {_percent(share)}" for dest, share in p.shares())
+    if p.balance == "cost":
+        names = ", ".join(r.destination + (f" (as {r.model})" if r.model else "") for r in p.routes)
+        split = f"the cheapest of {names}"
+        if p.latency_objective is not None:
+            split += f" meeting {format_duration(p.latency_objective)}"
+    else:
+        split = ", ".join(
+            f"{r.destination}{f' (as {r.model})' if r.model else ''} {_percent(share)}"
+            for r, (_, share) in zip(p.routes, p.shares(), strict=True)
+        )
     parts = [f"{p.name}: {_match(p.match)} -> {split}"]
+    if p.experiment:
+        parts.append(f"experiment {p.experiment} (arms {', '.join(r.arm_name for r in p.routes)})")
     if p.backups:
         parts.append(f"backups {', '.join(p.backups)}")
     if p.timeout is not None:

@@ -65,6 +65,7 @@ class Upstream:
         "calls",
         "channel",
         "consecutive_failures",
+        "cooling_until",
         "ejected_until",
         "ejections",
         "endpoint",
@@ -80,6 +81,9 @@ class Upstream:
         self.ejected_until = 0.0
         self.ejections = 0
         self.breaker: CircuitBreaker | None = None  # per endpoint, when the service has one
+        # RESOURCE_EXHAUSTED with a pushback (a provider's 429, a full queue): new calls
+        # go elsewhere until then, if there is anywhere else to go.
+        self.cooling_until = 0.0
         # Cumulative, for the control plane's topology view (it takes differences).
         self.calls = 0
         self.failures = 0
@@ -148,6 +152,10 @@ class Cluster:
         self.retries = 0
         self.outlier = outlier or OutlierPolicy()
         self.clock = clock
+        self._cooling = False  # some endpoint may be cooling down after a pushback
+        # Time to first token (streams) or to the answer (unary), seconds, as an EWMA over
+        # the service: what a route's latency objective is held against (0: no data yet).
+        self.latency = 0.0
         self._channel_factory = channel_factory
         self.upstreams: dict[str, Upstream] = {}
         self._eligible: list[Endpoint] = []
@@ -258,6 +266,30 @@ class Cluster:
         tried = set(exclude)
         return any(ep.address not in tried for ep in self._eligible)
 
+    # -- pushback cooling and latency -----------------------------------------------------
+
+    def _warm(self) -> list[Endpoint]:
+        """The eligible endpoints not cooling down; all of them if every one is."""
+        if not self._cooling:
+            return self._eligible
+        now = self.clock()
+        by = self._by_endpoint
+        warm = [ep for ep in self._eligible if by[id(ep)].cooling_until <= now]
+        if len(warm) == len(self._eligible):
+            self._cooling = False
+        return warm or self._eligible
+
+    def cooling(self) -> bool:
+        """True while every eligible endpoint is cooling down after a pushback: failover
+        takes the calls if another service can."""
+        if not self._cooling or not self._eligible:
+            return False
+        now = self.clock()
+        return all(self._by_endpoint[id(ep)].cooling_until > now for ep in self._eligible)
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency = seconds if not self.latency else 0.8 * self.latency + 0.2 * seconds
+
     # -- the hot path -------------------------------------------------------------------
 
     def pick(self, exclude: Iterable[str] = ()) -> Upstream:
@@ -271,7 +303,7 @@ class Cluster:
                 else f"all {total} endpoints are unhealthy or ejected"
             )
             raise MeshError(grpc.StatusCode.UNAVAILABLE, f"service {self.name}: {why}")
-        ep = self.picker.pick(self._eligible, tuple(exclude))
+        ep = self.picker.pick(self._warm() if self._cooling else self._eligible, tuple(exclude))
         self.picker.started(ep)
         return self._by_endpoint[id(ep)]
 
@@ -280,6 +312,8 @@ class Cluster:
     ) -> None:
         """Reports a call's end: balancer state, and passive outlier detection."""
         failed = code in ENDPOINT_FAILURES
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and trailers:
+            self._cool(up, trailers)
         up.calls += 1
         up.failures += failed
         up.latency_sum += latency
@@ -306,6 +340,18 @@ class Cluster:
         if up.consecutive_failures >= self.outlier.consecutive_errors and not up.ejected_until:
             self._eject(up)
 
+    def _cool(self, up: Upstream, trailers: Any) -> None:
+        for key, value in trailers:
+            if key == "grpc-retry-pushback-ms":
+                try:
+                    ms = int(value)
+                except (TypeError, ValueError):
+                    return
+                if ms > 0:
+                    up.cooling_until = max(up.cooling_until, self.clock() + ms / 1000)
+                    self._cooling = True
+                return
+
     def _eject(self, up: Upstream) -> None:
         ejected = sum(1 for u in self.upstreams.values() if u.ejected_until)
         if ejected + 1 > max(1, int(self.outlier.max_ejection_fraction * len(self.upstreams))):
@@ -321,6 +367,7 @@ class Cluster:
             "name": self.name,
             "algorithm": self.algorithm,
             "eligible": len(self._eligible),
+            "latency_ms": round(self.latency * 1000, 1),
             "breaker": _breaker_view(self.breaker),
             "retries": self.retries,
             "retry_budget": {
@@ -337,6 +384,7 @@ class Cluster:
                     "ejected_for_s": round(max(0.0, u.ejected_until - now), 3)
                     if u.ejected_until
                     else 0,
+                    "cooling_for_s": round(max(0.0, u.cooling_until - now), 3),
                     "inflight": u.endpoint.inflight,
                     "consecutive_failures": u.consecutive_failures,
                     "breaker": _breaker_view(u.breaker),

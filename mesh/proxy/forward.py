@@ -31,7 +31,7 @@ from ..errors import MeshError
 from .cluster import SS, SU, US, UU, Cluster, Upstream
 from .router import INFERENCE_SERVICE, MODEL_METHODS, RouteDecision, Router, split_path
 from .tokenstream import Delivered, pump, resumed_request
-from .wire import read_string_field, read_usage
+from .wire import read_string_field, read_usage, replace_string_field
 
 # Headers grpc manages itself on each hop; everything else is forwarded as is.
 _HOP_HEADERS = frozenset(
@@ -100,6 +100,7 @@ class Attempt:
         "fw",
         "retry",
         "started",
+        "timed",
         "trailers",
         "up",
     )
@@ -121,6 +122,7 @@ class Attempt:
         self.code: grpc.StatusCode | None = None
         self.trailers: Any = None
         self.started = 0.0
+        self.timed = False  # latency already observed (a stream's first token)
         self.facts, self.fact = facts, fact
 
     async def __aenter__(self) -> Attempt:
@@ -143,9 +145,10 @@ class Attempt:
             self.fw._untrack(self.call)
             limits = self.cluster.limits
             limits.finish_retry() if self.retry else limits.finish()
-            self.cluster.finished(
-                self.up, time.perf_counter() - self.started, self.code, self.trailers
-            )
+            elapsed = time.perf_counter() - self.started
+            if self.code is None and not self.timed:
+                self.cluster.observe_latency(elapsed)
+            self.cluster.finished(self.up, elapsed, self.code, self.trailers)
             if self.fact is not None and self.facts is not None:
                 self.fw.attempt_ended(self.facts, self.fact, self.code)
 
@@ -231,8 +234,60 @@ class Forwarder:
     # -- routing ------------------------------------------------------------------------
 
     def _available(self, service: str) -> bool:
+        """Usable, and not every endpoint cooling down after a pushback (rate limited)."""
+        c = self.clusters.get(service)
+        return c is not None and c.usable() and not c.cooling()
+
+    def _usable(self, service: str) -> bool:
         c = self.clusters.get(service)
         return c is not None and c.usable()
+
+    def _order(self, decision: RouteDecision, model: str | None) -> list[str]:
+        if decision.balance == "cost":
+            prices = self.router.prices
+
+            def price(service: str) -> float:
+                spec = prices.get(decision.model_for(service) or model or "")
+                return spec.input_price + spec.output_price if spec else float("inf")
+
+            def latency(service: str) -> float:
+                return self.clusters[service].latency
+
+            order = decision.order_by_cost(self._available, price, latency)
+            # Everything rate limited: the cheapest still beats failing the call.
+            return order or decision.order_by_cost(self._usable, price, latency)
+        order = decision.order(self._available, self.rng)
+        return order or decision.order(self._usable, self.rng)
+
+    def target(
+        self, decision: RouteDecision, exclude: tuple[str, ...], request: bytes | None
+    ) -> tuple[Cluster, Upstream, bytes | None]:
+        """Picks where a try goes, and the request as that destination must get it (a
+        route may ask a failover destination for its own model); notes the experiment
+        arm and the model served in the call's facts."""
+        facts = _facts()
+        model = facts.model if facts is not None and facts.model else None
+        if model is None and request is not None and decision.balance == "cost":
+            model = read_string_field(request, 1)
+        cluster, up = self.pick(decision, exclude, model)
+        rewrite = decision.model_for(cluster.name) if decision.models else None
+        if rewrite is not None and request is not None:
+            request = replace_string_field(request, 1, rewrite)
+        if facts is not None:
+            facts.served_model = rewrite or facts.model
+            if decision.experiment is not None:
+                facts.experiment = decision.experiment
+                facts.arm = decision.arm_for(cluster.name)
+        return cluster, up, request
+
+    def settle_cost(self) -> None:
+        """The call's cost from its tokens and the model catalog's price, if any."""
+        facts = _facts()
+        if facts is None or not (facts.tokens_in or facts.tokens_out):
+            return
+        spec = self.router.prices.get(facts.served_model or facts.model)
+        if spec is not None:
+            facts.cost_usd = spec.cost(facts.tokens_in, facts.tokens_out)
 
     def decide(self, path: str, metadata: Any, request: bytes | None) -> RouteDecision:
         if self.draining:
@@ -268,9 +323,9 @@ class Forwarder:
         return decision
 
     def pick(
-        self, decision: RouteDecision, exclude: tuple[str, ...] = ()
+        self, decision: RouteDecision, exclude: tuple[str, ...] = (), model: str | None = None
     ) -> tuple[Cluster, Upstream]:
-        order = decision.order(self._available, self.rng)
+        order = self._order(decision, model)
         for name in order:
             cluster = self.clusters[name]
             if exclude and not cluster.has_untried(exclude):
@@ -317,14 +372,20 @@ class Forwarder:
         if kind == UU:
 
             async def uu(request: bytes, context: Any) -> Any:
-                return await self._forward(path, UU, context, request)
+                try:
+                    return await self._forward(path, UU, context, request)
+                finally:
+                    self.settle_cost()
 
             return grpc.unary_unary_rpc_method_handler(uu)
         if kind == US:
             if path == GENERATE_STREAM:
 
                 async def gen(request: bytes, context: Any) -> None:
-                    await self._generate_stream(path, context, request)
+                    try:
+                        await self._generate_stream(path, context, request)
+                    finally:
+                        self.settle_cost()
 
                 return grpc.unary_stream_rpc_method_handler(gen)
 
@@ -361,7 +422,7 @@ class Forwarder:
                 return await self._unary_retrying(path, context, request, md, decision)
             if kind == UU and decision.hedge is not None:
                 return await self._unary_hedged(path, context, request, md, decision)
-            cluster, up = self.pick(decision)
+            cluster, up, request = self.target(decision, (), request)
             timeout = self._timeout(context, decision, cluster)
             cluster.limits.start()
         except MeshError as err:
@@ -412,7 +473,7 @@ class Forwarder:
         since_pushback = 1  # gRFC A6: the backoff sequence restarts after a pushback retry
         failed: grpc.aio.AioRpcError | None = None  # the last attempt's error
         while True:
-            cluster, up = self.pick(decision, tuple(tried))
+            cluster, up, body = self.target(decision, tuple(tried), request)
             if attempt == 1:
                 cluster.budget.record_request()
                 cluster.limits.start()
@@ -438,7 +499,7 @@ class Forwarder:
             fact, headers = self.attempt(
                 facts, cluster, up, "first" if attempt == 1 else "retry", headers
             )
-            call = up.multicallable(path, UU)(request, metadata=headers, timeout=timeout)
+            call = up.multicallable(path, UU)(body, metadata=headers, timeout=timeout)
             async with Attempt(
                 self, context, cluster, up, call, retry=attempt > 1, facts=facts, fact=fact
             ) as try_:
@@ -461,7 +522,20 @@ class Forwarder:
             tried.append(up.address)
             attempt += 1
             since_pushback = 1 if verdict.pushback else since_pushback + 1
-            await asyncio.sleep(verdict.delay)
+            delay = verdict.delay
+            if verdict.pushback and self._elsewhere(decision, tried):
+                # The pushback is that endpoint's: it cools down for that long and gets no
+                # calls meanwhile, so a retry that goes elsewhere need not wait for it.
+                delay = 0.0
+            await asyncio.sleep(delay)
+
+    def _elsewhere(self, decision: RouteDecision, tried: list[str]) -> bool:
+        """Whether a retry can go to an endpoint not tried yet and not cooling down."""
+        for service in decision.services():
+            c = self.clusters.get(service)
+            if c is not None and self._available(service) and c.has_untried(tried):
+                return True
+        return False
 
     async def _retry_verdict(
         self,
@@ -517,7 +591,7 @@ class Forwarder:
         last: grpc.aio.AioRpcError | None = None
 
         def launch() -> None:
-            cluster, up = self.pick(decision, tuple(tried))
+            cluster, up, body = self.target(decision, tuple(tried), request)
             n = len(tried)
             if n == 0:
                 cluster.budget.record_request()
@@ -530,7 +604,7 @@ class Forwarder:
                 facts, cluster, up, "first" if n == 0 else "hedge", headers
             )
             call = up.multicallable(path, UU)(
-                request, metadata=headers, timeout=self._timeout(context, decision, cluster)
+                body, metadata=headers, timeout=self._timeout(context, decision, cluster)
             )
             self._track(call)
             task = asyncio.ensure_future(_settle(call))
@@ -624,7 +698,7 @@ class Forwarder:
         kind = "first"
         while True:
             try:
-                cluster, up = self.pick(decision, tuple(tried))
+                cluster, up, payload = self.target(decision, tuple(tried), body)
                 timeout = self._timeout(context, decision, cluster)
                 cluster.limits.start()
             except MeshError as err:
@@ -636,12 +710,15 @@ class Forwarder:
                     )
                 await context.abort(err.code, err.message)
             fact, headers = self.attempt(facts, cluster, up, kind, fwd_md)
-            call = up.multicallable(path, US)(body, metadata=headers, timeout=timeout)
+            call = up.multicallable(path, US)(payload, metadata=headers, timeout=timeout)
             async with Attempt(self, context, cluster, up, call, facts=facts, fact=fact) as attempt:
                 try:
                     # The first chunk is read here, before the pump's reader task exists:
                     # one task switch less on the way to the caller's first token.
                     first = await call.read()
+                    if first is not EOF:
+                        cluster.observe_latency(time.perf_counter() - attempt.started)
+                        attempt.timed = True
                     if facts is not None and not facts.first_token_ns and first is not EOF:
                         facts.first_token_ns = time.time_ns()
                     initial = await call.initial_metadata()

@@ -31,6 +31,44 @@ class RouteDecision:
     resume: bool = True
     retry: RetryPolicy | None = None  # None: no retries
     hedge: HedgeSpec | None = None  # unary calls: send again elsewhere if no answer soon
+    balance: str = "weighted"  # or "cost"
+    latency_objective: float | None = None
+    experiment: str | None = None
+    # Per destination, parallel to `destinations`: the model to ask it for (None: the
+    # caller's) and the experiment arm's name.
+    models: tuple[str | None, ...] = ()
+    arms: tuple[str, ...] = ()
+
+    def model_for(self, service: str) -> str | None:
+        for (s, _), m in zip(self.destinations, self.models, strict=False):
+            if s == service:
+                return m
+        return None
+
+    def arm_for(self, service: str) -> str:
+        for (s, _), a in zip(self.destinations, self.arms, strict=False):
+            if s == service:
+                return a
+        return service  # a backup
+
+    def order_by_cost(
+        self,
+        available: Callable[[str], bool],
+        price: Callable[[str], float],
+        latency: Callable[[str], float],
+    ) -> list[str]:
+        """Services to try, best first, for `balance: cost`: the destinations that are
+        available and meet the latency objective, cheapest first; then the available
+        ones that miss it, fastest first; then the backups. `price` is the expected USD
+        of a call there (inf when unknown), `latency` its observed seconds (0: no data,
+        taken to meet the objective)."""
+        live = [s for s, w in self.destinations if w > 0 and available(s)]
+        goal = self.latency_objective
+        meets = [s for s in live if goal is None or latency(s) <= goal]
+        misses = [s for s in live if s not in meets]
+        chosen = sorted(meets, key=price) + sorted(misses, key=latency)
+        chosen.extend(b for b in self.backups if b not in chosen and available(b))
+        return chosen
 
     def order(self, available: Callable[[str], bool], rng: random.Random) -> list[str]:
         """Services to try, best first: one weighted pick among the split's destinations that
@@ -61,6 +99,7 @@ class Router:
         """`discovered_models`: model -> service, from the instances registered with the
         control plane; a model the config names itself keeps the config's service."""
         self.config = config
+        self.prices = {m.name: m for m in config.models}  # the model catalog
         self._policies: list[tuple[Any, RouteDecision]] = [
             (
                 p.match,
@@ -74,6 +113,11 @@ class Router:
                     if p.retry is not None and p.retry.attempts > 1
                     else None,
                     hedge=p.hedge if p.hedge is not None and p.hedge.attempts > 1 else None,
+                    balance=p.balance,
+                    latency_objective=p.latency_objective,
+                    experiment=p.experiment,
+                    models=tuple(r.model for r in p.routes),
+                    arms=tuple(r.arm_name for r in p.routes),
                 ),
             )
             for p in config.traffic_policies

@@ -100,3 +100,49 @@ def _usage(data: bytes) -> tuple[int, int]:
         else:
             break
     return values[1], values[2]
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def replace_string_field(data: bytes, field_number: int, value: str) -> bytes:
+    """`data` with every occurrence of a length-delimited field dropped and `value` put in
+    its place (at the front: proto3 takes the last value, and only one is left). Used to
+    ask a failover destination for its own model without parsing the request. Bytes that
+    are not valid protobuf are returned unchanged (the backend will say what is wrong)."""
+    encoded = value.encode("utf-8")
+    head = _encode_varint(field_number << 3 | 2) + _encode_varint(len(encoded)) + encoded
+    kept: list[bytes] = [head]
+    pos, end = 0, len(data)
+    try:
+        while pos < end:
+            start = pos
+            key, pos = _varint(data, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 2:
+                length, pos = _varint(data, pos)
+                pos += length
+            elif wire_type == 5:
+                pos += 4
+            else:
+                return data
+            if pos > end:
+                return data
+            if not (number == field_number and wire_type == 2):
+                kept.append(data[start:pos])
+    except ValueError:
+        return data
+    return b"".join(kept)
