@@ -2,7 +2,8 @@
 
 A control plane; the product page's topology (GPT-4 Gateway x3, Claude Gateway x2, Custom
 LLM x3) as sim instances that register themselves, plus the one `gpt4-gateway-v2` canary
-instance the reference YAML's canary-rollout sends 10% to; a gateway proxy that follows
+instance the reference YAML's canary-rollout sends 10% to (and, when OPENAI_API_KEY or
+ANTHROPIC_API_KEY is set, an instance of that provider's adapter); a gateway that follows
 the control plane; the reference YAML applied; a streamed answer through the gateway; and
 `aimesh status`. Every piece is a real process; Ctrl-C stops them all, gateway first.
 """
@@ -10,6 +11,7 @@ the control plane; the reference YAML applied; a streamed answer through the gat
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import shutil
 import signal
@@ -17,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,6 +43,45 @@ FLEET: tuple[tuple[str, str, int, str], ...] = (
 DEMO_PROMPT = "In one paragraph: why put a service mesh in front of AI backends?"
 REFERENCE = Path(__file__).resolve().parent.parent / "deploy" / "examples" / "reference.yaml"
 SPLIT_CALLS = 50
+
+
+# (service, key variable, provider model, base URL variable): started by `make run` when
+# the key variable is set; the mesh names the model as the provider does.
+PROVIDERS: tuple[tuple[str, str, str, str], ...] = (
+    ("openai", "OPENAI_API_KEY", "gpt-4o-mini", "OPENAI_BASE_URL"),
+    ("anthropic", "ANTHROPIC_API_KEY", "claude-3-5-haiku-latest", "ANTHROPIC_BASE_URL"),
+)
+
+
+def provider_commands(
+    env: Mapping[str, str], control_plane: str, host: str
+) -> list[tuple[str, list[str]]]:
+    """The provider-backed instances to start: one per provider whose key is set (its
+    service `<provider>-gateway`, serving the provider's model under its own name)."""
+    out: list[tuple[str, list[str]]] = []
+    for provider, key_var, model, url_var in PROVIDERS:
+        if not env.get(key_var):
+            continue
+        argv = [
+            "backend",
+            provider,
+            "--listen",
+            f"{host}:0",
+            "--api-key-env",
+            key_var,
+            "--model",
+            model,
+            "--instance-id",
+            f"{provider}-gateway-1",
+            "--control-plane",
+            control_plane,
+            "--service",
+            f"{provider}-gateway",
+        ]
+        if env.get(url_var):
+            argv += ["--base-url", env[url_var]]
+        out.append((f"{provider}-gateway-1", procs.aimesh_command(*argv)))
+    return out
 
 
 def _cli(*args: str) -> int:
@@ -155,7 +197,15 @@ def run_demo(host: str = "127.0.0.1", once: bool = False) -> int:
                 running.append(proc)
         for proc, (_, service, model, version) in zip(running[1:], specs, strict=True):
             print(f"  {proc.name:<20} {service:<16} {model:<18} {version}  {proc.address}")
-        registered = asyncio.run(_wait_registered(cp.address, len(specs)))
+        providers = provider_commands(os.environ, cp.address, host)
+        for name, argv in providers:
+            # A real provider behind the mesh, when its key is in the environment.
+            proc = procs.start(name, argv)
+            running.append(proc)
+            print(
+                f"  {proc.name:<20} (a real provider, its key from the environment) {proc.address}"
+            )
+        registered = asyncio.run(_wait_registered(cp.address, len(specs) + len(providers)))
         print(
             f"  {registered} instances registered; fleet ready in "
             f"{time.perf_counter() - started:.1f}s",
@@ -205,7 +255,18 @@ def run_demo(host: str = "127.0.0.1", once: bool = False) -> int:
             f"  .venv/bin/aimesh chat --target {target} --model claude-3-5-sonnet 'hello'\n"
             f"  curl {admin.replace('/clusters', '/mesh')}\n"
             f"  open {dashboard} in a browser: the live topology\n"
-            "Press Ctrl-C to stop.",
+            + "".join(
+                f"  .venv/bin/aimesh chat --target {target} --model {model} 'hello'"
+                f"   # {provider}, for real (after the control-plane.yaml apply)\n"
+                for provider, _, model, _ in PROVIDERS
+                if any(name.startswith(provider) for name, _ in providers)
+            )
+            + (
+                ""
+                if providers
+                else "  (set OPENAI_API_KEY or ANTHROPIC_API_KEY to add a real provider)\n"
+            )
+            + "Press Ctrl-C to stop.",
             flush=True,
         )
         stop = threading.Event()

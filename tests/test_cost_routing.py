@@ -275,3 +275,19 @@ async def test_rate_limited_provider_fails_over_and_comes_back_after_the_pushbac
     assert on_claude.cost_usd == pytest.approx(
         (on_claude.tokens_in * 3 + on_claude.tokens_out * 15) / 1e6
     )
+
+
+def test_make_run_adds_a_provider_only_when_its_key_is_set() -> None:
+    from aimesh.mesh.demo import provider_commands
+
+    assert provider_commands({}, "127.0.0.1:15010", "127.0.0.1") == []
+    [(name, argv)] = provider_commands(
+        {"ANTHROPIC_API_KEY": "x", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9/"},
+        "127.0.0.1:15010",
+        "127.0.0.1",
+    )
+    assert name == "anthropic-gateway-1"
+    joined = " ".join(argv)
+    assert "backend anthropic" in joined and "--api-key-env ANTHROPIC_API_KEY" in joined
+    assert "--service anthropic-gateway" in joined and "--base-url http://127.0.0.1:9/" in joined
+    assert "x" not in argv  # the key itself is never on a command line
