@@ -502,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .observability.audit_report import add_parsers as add_audit_parsers
 
     add_audit_parsers(sub)
+    from .observability.experiments import add_parsers as add_experiment_parsers
+
+    add_experiment_parsers(sub)
 
     demo = sub.add_parser("demo", help="a local setup of sim backends with a streamed answer")
     demo.add_argument("--host", default="127.0.0.1")
@@ -555,6 +558,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .observability.audit_report import run as run_audit_report
 
             return run_audit_report(args)
+        if args.command == "experiments":
+            from .observability.experiments import run as run_experiments_report
+
+            return run_experiments_report(args)
         if args.command == "demo":
             from .demo import run_demo
 

@@ -6,10 +6,14 @@
      "endpoint":"10.0.0.7:50051","status":"OK","tokens_in":12,"tokens_out":64,
      "latency_ms":412.8,"ttft_ms":61.2,"attempts":1,
      "tries":[{"endpoint":"10.0.0.7:50051","kind":"first","code":"OK"}],
-     "route":"model:gpt-4","resumed":0}
+     "route":"model:gpt-4","served_model":null,"cost_usd":0.00456,
+     "experiment":null,"arm":null,"resumed":0}
 
 `time` is when the call arrived (RFC 3339, UTC, milliseconds). Failed calls carry their
-status `message`. Prompts and completions are never written unless the settings ask
+status `message`. `served_model` is null unless a route rewrote the model (then it
+names the one the backend was asked for); `cost_usd` is null when the call cost nothing
+known (no price for the model, or no tokens); `experiment` and `arm` are null outside an
+experiment. Prompts and completions are never written unless the settings ask
 (`include_content`): then `prompt` (the request's messages) and `completion` are added.
 
 The call's own path pays almost nothing: the sink queues the finished call; the record
@@ -123,6 +127,12 @@ def record(event: CallEnded, include_content: bool = False) -> dict[str, Any]:
         tries.append(t)
     rec["tries"] = tries
     rec["route"] = facts.route or None
+    # The model the backend was asked for, only when a route rewrote the request's.
+    served = facts.served_model
+    rec["served_model"] = served if served and served != facts.model else None
+    rec["cost_usd"] = round(facts.cost_usd, 6) if facts.cost_usd > 0 else None
+    rec["experiment"] = facts.experiment or None
+    rec["arm"] = (facts.arm or None) if facts.experiment else None
     rec["resumed"] = facts.resumed
     if include_content:
         rec["prompt"] = prompt_of(event.method, facts.request)

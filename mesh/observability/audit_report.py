@@ -2,9 +2,11 @@
 
 Reads audit files (each PATH with its rotations PATH.1 .. PATH.N), keeps the records
 since a moment (`--since 1h`), and groups them by any of tenant, model, service, method,
-endpoint, caller, route and status: calls, errors (count and rate), tokens in and out,
-p50 and p95 latency. Lines that are not audit records are counted and reported, never
-fatal (a file being written ends with a partial line now and then).
+endpoint, caller, route, status, served_model, experiment and arm: calls, errors (count
+and rate), tokens in and out, cost (total and per call), p50 and p95 latency. Lines
+that are not audit records are counted and reported, never fatal (a file being written
+ends with a partial line now and then). `read_records` is the reading, shared with
+`aimesh experiments report`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,19 @@ from typing import Any, TextIO
 
 from ..units import parse_duration
 
-DIMENSIONS = ("tenant", "model", "service", "method", "endpoint", "caller", "route", "status")
+DIMENSIONS = (
+    "tenant",
+    "model",
+    "service",
+    "method",
+    "endpoint",
+    "caller",
+    "route",
+    "status",
+    "served_model",
+    "experiment",
+    "arm",
+)
 DEFAULT_BY = ("tenant", "model", "service")
 NONE = "-"  # how a missing value (no tenant, a call that never reached a service) shows
 EXIT_OK, EXIT_NO_DATA, EXIT_USAGE = 0, 1, 2
@@ -94,6 +108,8 @@ class Group:
     errors: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+    cost_usd: float = 0.0
+    priced: int = 0  # calls whose record has a cost
     latencies: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
 
@@ -105,6 +121,10 @@ class Group:
             self.statuses[status] = self.statuses.get(status, 0) + 1
         self.tokens_in += _int(rec.get("tokens_in"))
         self.tokens_out += _int(rec.get("tokens_out"))
+        cost = number(rec.get("cost_usd"))
+        if cost is not None:
+            self.cost_usd += cost
+            self.priced += 1
         latency = rec.get("latency_ms")
         if isinstance(latency, int | float) and not isinstance(latency, bool):
             self.latencies.append(float(latency))
@@ -117,6 +137,8 @@ class Group:
             "error_rate": round(self.errors / self.calls, 6) if self.calls else 0.0,
             "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out,
+            "cost_usd": round(self.cost_usd, 6) if self.priced else None,
+            "cost_per_call_usd": round(self.cost_usd / self.calls, 6) if self.priced else None,
             "latency_ms": {"p50": percentile(lat, 0.50), "p95": percentile(lat, 0.95)},
             "errors_by_status": dict(sorted(self.statuses.items(), key=lambda kv: -kv[1])),
         }
@@ -124,6 +146,13 @@ class Group:
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def number(value: Any) -> float | None:
+    """A record's numeric field (int or float, not bool), or None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 @dataclass
@@ -189,6 +218,43 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         yield from enumerate(f, 1)
 
 
+@dataclass
+class Skipped:
+    """What reading left out: lines that are not records, and records before the window."""
+
+    malformed: int = 0
+    malformed_at: list[str] = field(default_factory=list)  # the first few FILE:LINE
+    older: int = 0
+
+    def bad(self, where: str) -> None:
+        self.malformed += 1
+        if len(self.malformed_at) < 5:
+            self.malformed_at.append(where)
+
+
+def read_records(
+    paths: Sequence[Path], cutoff: float | None, skipped: Skipped
+) -> Iterator[tuple[dict[str, Any], float]]:
+    """Each audit record of `paths` (as `expand` lists them) at or after `cutoff` (POSIX
+    seconds; None: all), with its time; counts what it skips in `skipped`."""
+    for path in paths:
+        for lineno, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("not an object")
+                at = parse_time(str(rec["time"]))
+            except (ValueError, KeyError, TypeError):
+                skipped.bad(f"{path}:{lineno}")
+                continue
+            if cutoff is not None and at < cutoff:
+                skipped.older += 1
+                continue
+            yield rec, at
+
+
 def build(
     paths: Sequence[Path],
     by: Sequence[str] = DEFAULT_BY,
@@ -199,22 +265,14 @@ def build(
     now = time.time() if now is None else now
     cutoff = None if since is None else now - since
     report = Report([str(p) for p in paths], tuple(by), since, now)
-    for path in paths:
-        for number, line in _lines(path):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("not an object")
-                at = parse_time(str(rec["time"]))
-            except (ValueError, KeyError, TypeError):
-                report.bad(f"{path}:{number}")
-                continue
-            if cutoff is not None and at < cutoff:
-                report.older += 1
-                continue
-            report.add(rec, at)
+    skipped = Skipped()
+    for rec, at in read_records(paths, cutoff, skipped):
+        report.add(rec, at)
+    report.malformed, report.malformed_at, report.older = (
+        skipped.malformed,
+        skipped.malformed_at,
+        skipped.older,
+    )
     return report
 
 
@@ -227,6 +285,18 @@ def _ms(value: float | None) -> str:
     return f"{value:.1f}" if value < 1000 else f"{value:,.0f}"
 
 
+def usd(value: float | None) -> str:
+    """Dollars for a table: 6 decimals below $1 (a call costs fractions of a cent), 4 up
+    to $100, cents above."""
+    if value is None:
+        return NONE
+    if value >= 100:
+        return f"{value:,.2f}"
+    if value >= 1:
+        return f"{value:.4f}"
+    return f"{value:.6f}"
+
+
 def _row(key: Sequence[str], g: Group) -> list[str]:
     s = g.summary()
     return [
@@ -236,6 +306,8 @@ def _row(key: Sequence[str], g: Group) -> list[str]:
         f"{s['error_rate'] * 100:.2f}%",
         f"{g.tokens_in:,}",
         f"{g.tokens_out:,}",
+        usd(s["cost_usd"]),
+        usd(s["cost_per_call_usd"]),
         _ms(s["latency_ms"]["p50"]),
         _ms(s["latency_ms"]["p95"]),
     ]
@@ -251,7 +323,8 @@ def render_table(report: Report, out: TextIO) -> None:
     print(f"audit report, {window}: {span} ({n} file{'' if n == 1 else 's'}: {names})", file=out)
     print("", file=out)
     head = [d.upper() for d in report.by]
-    head += ["CALLS", "ERRORS", "ERROR%", "TOKENS IN", "TOKENS OUT", "P50 MS", "P95 MS"]
+    head += ["CALLS", "ERRORS", "ERROR%", "TOKENS IN", "TOKENS OUT", "COST $", "$/CALL"]
+    head += ["P50 MS", "P95 MS"]
     rows = [
         _row(k, g) for k, g in sorted(report.groups.items(), key=lambda kv: (-kv[1].calls, kv[0]))
     ]
@@ -306,9 +379,10 @@ def add_parsers(sub: Any) -> None:
     audit_sub = audit.add_subparsers(dest="audit_cmd", metavar="ACTION", required=True)
     report = audit_sub.add_parser(
         "report",
-        help="sum up calls, errors, tokens and latency by tenant, model and service",
+        help="sum up calls, errors, tokens, cost and latency by tenant, model and service",
         description="Summarise audit files (rotated ones too): calls, errors and their "
-        "rate, tokens in and out, p50/p95 latency, grouped as --by says.",
+        "rate, tokens in and out, cost (total and per call), p50/p95 latency, grouped as "
+        "--by says.",
     )
     report.add_argument(
         "--file",

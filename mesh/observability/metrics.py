@@ -247,6 +247,17 @@ class ProxyMetrics(Collector):
             "Token streams that broke and were resumed on another endpoint (each resume).",
             model,
         )
+        self.cost = _Family(
+            "aimesh_cost_usd_total",
+            "Dollars spent on Inference calls (tokens x the model's price in spec.models), by "
+            "the service that served them and the model it was asked for.",
+            model,
+        )
+        self.experiment_requests = _Family(
+            "aimesh_experiment_requests_total",
+            "Calls routed by a traffic policy that names an experiment, by arm and status.",
+            ("experiment", "arm", "code"),
+        )
         self.families = [
             self.requests,
             self.duration,
@@ -258,6 +269,8 @@ class ProxyMetrics(Collector):
             self.tokens_out,
             self.tokens_per_second,
             self.resumed,
+            self.cost,
+            self.experiment_requests,
         ]
         # Each label set's series, resolved once, by the raw values a call brings.
         self._calls: dict[tuple[str, str, str, grpc.StatusCode], tuple[_Counter, _Histogram]] = {}
@@ -265,6 +278,8 @@ class ProxyMetrics(Collector):
             tuple[str, str, str, grpc.StatusCode | None], tuple[_Counter, _Histogram]
         ] = {}
         self._models: dict[tuple[str, str], _ModelSeries] = {}
+        self._costs: dict[tuple[str, str], _Counter] = {}
+        self._arms: dict[tuple[str, str, grpc.StatusCode], _Counter] = {}
         self._methods: set[str] = set()
         self._model_names: set[str] = set()
         if registry is not None:
@@ -305,6 +320,18 @@ class ProxyMetrics(Collector):
                 if first and out >= 2:
                     end = event.started_ns + event.duration * 1e9
                     m.tpot.observe(max(0.0, end - first) / 1e9 / (out - 1))
+        if facts.cost_usd > 0 and service:
+            served = facts.served_model or facts.model
+            c = self._costs.get((service, served)) or self._cost_series(service, served)
+            c.value += facts.cost_usd
+        if facts.experiment:
+            akey = (facts.experiment, facts.arm, event.code)
+            arm = self._arms.get(akey)
+            if arm is None:
+                arm = self._arms[akey] = self.experiment_requests.counter(
+                    facts.experiment, facts.arm, event.code.name
+                )
+            arm.value += 1
 
     def collect(self) -> Iterable[Metric]:
         return [f.export() for f in self.families]
@@ -344,6 +371,15 @@ class ProxyMetrics(Collector):
         if not capped:
             self._model_names.add(model)
             self._models[(service, model)] = series
+        return series
+
+    def _cost_series(self, service: str, model: str) -> _Counter:
+        # Priced models are the config's own, but a caller's model is capped all the same.
+        capped = model not in self._model_names and len(self._model_names) >= MAX_MODELS
+        series = self.cost.counter(service, OTHER if capped else model)
+        if not capped:
+            self._model_names.add(model)
+            self._costs[(service, model)] = series
         return series
 
     # -- endpoints that are gone -----------------------------------------------------------
