@@ -5,13 +5,18 @@ pushback, the cost of each call, and experiment arms."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
+import yaml
 
 from aimesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from aimesh.interceptors.events import CallEnded
+from aimesh.mesh import procs
 from aimesh.mesh.config import load_dict
 from aimesh.mesh.errors import ConfigError
 from aimesh.mesh.proxy.cluster import EndpointAddr
@@ -291,3 +296,88 @@ def test_make_run_adds_a_provider_only_when_its_key_is_set() -> None:
     assert "backend anthropic" in joined and "--api-key-env ANTHROPIC_API_KEY" in joined
     assert "--service anthropic-gateway" in joined and "--base-url http://127.0.0.1:9/" in joined
     assert "x" not in argv  # the key itself is never on a command line
+
+
+async def test_experiment_end_to_end_through_a_proxy_process(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    """A real `aimesh proxy --audit-log` with an experiment policy; `aimesh experiments
+    report` over what it wrote compares the arms."""
+    control = await make_sim(instance_id="control")
+    treatment = await make_sim(instance_id="treatment", faults=Faults(error_rate=0.5), seed=4)
+    doc = mesh_doc(
+        [{"name": "svc-a"}, {"name": "svc-b"}],
+        [
+            {
+                "name": "prompt-test",
+                "match": {"models": ["gpt-4"]},
+                "experiment": "prompt-v2",
+                "routes": [
+                    {"destination": "svc-a", "weight": 50, "arm": "control"},
+                    {"destination": "svc-b", "weight": 50, "arm": "treatment"},
+                ],
+            }
+        ],
+    )
+    doc["spec"]["models"] = CATALOG  # type: ignore[index]
+    config = tmp_path / "mesh.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    audit = tmp_path / "audit.jsonl"
+    proxy = procs.start(
+        "proxy",
+        procs.aimesh_command(
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            str(config),
+            "--endpoint",
+            f"svc-a={endpoint(control).address}",
+            "--endpoint",
+            f"svc-b={endpoint(treatment).address}",
+            "--audit-log",
+            str(audit),
+            "--seed",
+            "1",
+        ),
+    )
+    try:
+        async with grpc.aio.insecure_channel(proxy.address) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            for i in range(80):
+                try:
+                    await stub.Generate(prompt(f"q{i}"), timeout=10)
+                except grpc.aio.AioRpcError:
+                    pass
+    finally:
+        proxy.terminate()  # SIGTERM: the audit trail is flushed on the way out
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert len(records) == 80
+    assert {r["arm"] for r in records} == {"control", "treatment"}
+    assert all(
+        r["experiment"] == "prompt-v2" and r["cost_usd"] for r in records if r["status"] == "OK"
+    )
+    out = await asyncio.to_thread(
+        subprocess.run,
+        procs.aimesh_command(
+            "experiments",
+            "report",
+            "prompt-v2",
+            "--file",
+            str(audit),
+            "-o",
+            "json",
+            "--control",
+            "control",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    text = json.dumps(report)
+    assert "control" in text and "treatment" in text
+    arms = {a["arm"]: a for a in report["arms"]}
+    assert arms["control"]["error_rate"] == 0
+    assert arms["treatment"]["error_rate"] > 0.2
