@@ -54,6 +54,7 @@ class CallFacts:
     cost_usd: float = 0.0  # tokens x the model's price in spec.models, when it has one
     experiment: str = ""  # the traffic policy's experiment, when it names one
     arm: str = ""  # the experiment arm this call went to (the route's arm name)
+    denied_by: str = ""  # the authorization rule that denied the call ("default-deny")
     # The prompt and the answer, only when an audit setting asks for content: the
     # forwarder keeps the request bytes and the streamed text (see Forwarder.capture).
     request: bytes | None = None
@@ -78,6 +79,8 @@ class InboundCall:
     identity: str = ""  # who is calling (a SPIFFE ID once mTLS is on; else the peer)
     # Headers to add when the call is forwarded upstream (e.g. a generated request id).
     forward_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Headers not to forward upstream (a credential the gateway consumed).
+    drop_headers: frozenset[str] = frozenset()
     facts: CallFacts = field(default_factory=CallFacts)
     started_ns: int = field(default_factory=time.time_ns)
 

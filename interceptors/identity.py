@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
+
+from aimesh.mesh.security.spiffe import peer_spiffe_id
 
 from .base import InboundCall, Next
 
 Resolver = Callable[[Any], str]
+# A peer's certificate is parsed once, not per call (certificates rotate, hence a bound).
+_spiffe_id = functools.lru_cache(maxsize=1024)(peer_spiffe_id)
 
 
 def peer_identity(context: Any) -> str:
@@ -21,6 +26,12 @@ def peer_identity(context: Any) -> str:
             text = value.decode() if isinstance(value, bytes) else str(value)
             if text.startswith("spiffe://"):
                 return text
+    # grpc lists DNS and IP SANs only; the URI SAN is read from the peer's certificate.
+    for pem in auth.get("x509_pem_cert", ())[:1]:
+        try:
+            return _spiffe_id(pem)
+        except ValueError:  # not an X.509-SVID: the peer has no mesh identity
+            break
     peer: str = context.peer() or ""
     return peer
 

@@ -131,6 +131,9 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     reg.add_argument("--version", dest="build_version", default="", help="version label, e.g. v2")
     reg.add_argument("--weight", type=int, default=1, help="relative share of traffic (default 1)")
     reg.add_argument("--ttl", type=_duration, default=5.0, help="lease ttl (default 5s)")
+    from .security.cli import add_mtls_flags
+
+    add_mtls_flags(p, proxy=False)
     add_tracing_flags(p)
     p.add_argument(
         "--grace",
@@ -163,6 +166,13 @@ def _cmd_backend_sim(args: argparse.Namespace) -> int:
             die_after_tokens=args.die_after_tokens,
             die_exits_process=args.die_exits_process,
         )
+    except ValueError as exc:
+        print(f"aimesh backend sim: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from .security.cli import mtls_from_args
+
+    try:
+        mtls = mtls_from_args(args, args.control_plane)
     except ValueError as exc:
         print(f"aimesh backend sim: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -199,6 +209,7 @@ def _cmd_backend_sim(args: argparse.Namespace) -> int:
             grace=args.grace,
             registration=registration,
             tracing=flags_from_args(args),
+            mtls=mtls,
         )
     )
     return 0
@@ -342,7 +353,26 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"aimesh proxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from .security.cli import mtls_from_args
+
+    try:
+        mtls = mtls_from_args(args, args.control_plane)
+    except ValueError as exc:
+        print(f"aimesh proxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from .security.callers import caller_auth
+    from .security.callers import flags_from_args as caller_flags
+
+    try:
+        callers = caller_auth(caller_flags(args))
+    except ValueError as exc:
+        print(f"aimesh proxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if callers is not None and args.mode != "gateway":
+        print("aimesh proxy: --api-keys and --jwt-keys are for --mode gateway", file=sys.stderr)
+        return EXIT_USAGE
     settings = ProxySettings(
+        mtls=mtls,
         listen=args.listen,
         mode=args.mode,
         inbound_listen=args.inbound,
@@ -352,6 +382,8 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
         seed=args.seed,
         audit=audit,
         tracing=flags_from_args(args),
+        callers=callers,
+        service=args.service,
     )
     mesh = None
     if args.control_plane:
@@ -470,7 +502,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .observability.audit import add_proxy_flags as add_audit_flags
 
     add_audit_flags(proxy)
+    from .security.cli import add_mtls_flags
+
+    add_mtls_flags(proxy, proxy=True)
     add_tracing_flags(proxy)
+    proxy.add_argument(
+        "--service",
+        default=None,
+        metavar="NAME",
+        help="sidecar: the local app's service name, the destination its inbound side "
+        "authorizes calls to (default local-app)",
+    )
+    from .security.callers import add_proxy_flags as add_caller_flags
+
+    add_caller_flags(proxy)
 
     config = sub.add_parser("config", help="work with ServiceMesh config files")
     config_sub = config.add_subparsers(dest="config_cmd", metavar="ACTION", required=True)
@@ -495,16 +540,25 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--admin", default=None, help="HOST:PORT for the HTTP admin endpoint")
     cp.add_argument("--dns", default=None, help="HOST:PORT to answer DNS (SRV, A) for services")
     cp.add_argument("--mesh-domain", default="mesh.local", help="DNS domain (default mesh.local)")
+    from .security.cli import add_control_plane_flags
+
+    add_control_plane_flags(cp)
     add_tracing_flags(cp)
     from .control.cli import add_parsers as add_control_parsers
 
     add_control_parsers(sub)
+    from .security.cli import add_parsers as add_identity_parsers
+
+    add_identity_parsers(sub)
     from .observability.audit_report import add_parsers as add_audit_parsers
 
     add_audit_parsers(sub)
     from .observability.experiments import add_parsers as add_experiment_parsers
 
     add_experiment_parsers(sub)
+    from .security.callers import add_parsers as add_apikey_parsers
+
+    add_apikey_parsers(sub)
 
     demo = sub.add_parser("demo", help="a local setup of sim backends with a streamed answer")
     demo.add_argument("--host", default="127.0.0.1")
@@ -539,6 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "control-plane":
             from .control.main import default_store
             from .control.main import run as run_control_plane
+            from .security.cli import ca_from_args
 
             return runtime.run(
                 run_control_plane(
@@ -548,8 +603,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.dns,
                     args.mesh_domain,
                     flags_from_args(args),
+                    ca=ca_from_args(args),
                 )
             )
+        if args.command == "identity":
+            from .security.cli import run as run_identity
+
+            return run_identity(args)
         if args.command in ("apply", "get", "status", "deregister"):
             from .control.cli import run as run_control_cli
 
@@ -558,6 +618,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .observability.audit_report import run as run_audit_report
 
             return run_audit_report(args)
+        if args.command == "apikey":
+            from .security.callers import run as run_apikey
+
+            return run_apikey(args)
         if args.command == "experiments":
             from .observability.experiments import run as run_experiments_report
 

@@ -123,10 +123,16 @@ def stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, _handler, sig)
 
 
-def bind(server: grpc.aio.Server, listen: str) -> int:
-    """Binds HOST:PORT (port 0 picks a free one) and returns the port, or explains the failure."""
+def bind(
+    server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Binds HOST:PORT (port 0 picks a free one) and returns the port, or explains the failure.
+    With `credentials` the port speaks TLS only (mTLS when they require client certs)."""
     try:
-        port = server.add_insecure_port(listen)
+        if credentials is not None:
+            port = server.add_secure_port(listen, credentials)
+        else:
+            port = server.add_insecure_port(listen)
     except RuntimeError as exc:
         raise SystemExit(f"cannot listen on {listen}: {exc}; is the port already in use?") from exc
     if port == 0:

@@ -104,14 +104,17 @@ def test_reference_document_loads_with_its_warnings() -> None:
     assert [w.split(":")[0] for w in cfg.warnings] == [
         "spec.trafficPolicies[0].routes[1].destination",
         "spec.security.mtls.mode",
-        "spec.security.authorization.enabled",
+    ]
+    assert [r.name for r in cfg.security.authorization.rules] == [
+        "no-batch-to-gpt4",
+        "inference-api",
     ]
     assert cfg.warnings[0] == (
         'spec.trafficPolicies[0].routes[1].destination: service "gpt4-gateway-v2" is not '
         "declared in spec.services; it will only get endpoints from the control plane or "
         "--endpoint flags"
     )
-    assert "not enforced" in cfg.warnings[1] and "not enforced" in cfg.warnings[2]
+    assert "applies to the proxies and backends that have a mesh identity" in cfg.warnings[1]
 
 
 def test_local_example_uses_every_feature_without_warnings() -> None:
@@ -643,7 +646,7 @@ def test_summary_shows_services_policies_and_warnings() -> None:
     assert "ServiceMesh ai-gateway-mesh (namespace default)" in text
     assert "gpt4-gateway: no models; endpoints from the control plane; least_connections" in text
     assert "canary-rollout: every call -> gpt4-gateway 90%, gpt4-gateway-v2 10%" in text
-    assert "warnings (3):" in text
+    assert "warnings (2):" in text
     local = summary(load_file(LOCAL))
     assert "gpt4-gateway: gpt-4; 3 endpoints; least_connections" in local
     assert 'llama-traffic: header x-tenant starts with "team-" and model in [llama-3-8b]' in local

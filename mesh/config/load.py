@@ -14,17 +14,17 @@ import ipaddress
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, TypeVar
 
 import grpc
 import yaml
 
 from ..errors import ConfigError, status_code_from_name
+from ..security.authz import Rule, parse_rules
 from ..units import format_duration, parse_duration, parse_percent
 from .schema import (
     ALGORITHMS,
@@ -758,14 +758,23 @@ def _model_catalog(node: object, at: _At) -> tuple[ModelSpec, ...]:
 # --- security and the document ------------------------------------------------------------
 
 
-def _rules(node: object, at: _At) -> tuple[Mapping[str, object], ...]:
-    def rule(item: object, at: _At) -> Mapping[str, object]:
+def _rules(node: object, at: _At) -> tuple[Rule, ...]:
+    """Authorization rules, parsed and checked here so a bad rule rejects the whole config
+    (the format: mesh/security/authz.py, docs/config.md)."""
+    if not isinstance(node, list):
+        raise _Invalid(f"must be a list, got {_show(node)}")
+    mappings = True
+    for i, item in enumerate(node):
         if not isinstance(item, dict):
-            raise _Invalid(f"must be a mapping, got {_show(item)}")
-        return MappingProxyType(item)
-
-    rules: tuple[Mapping[str, object], ...] = _list_of(rule)(node, at)
-    return rules
+            at.index(i).error(f"must be a mapping, got {_show(item)}")
+            mappings = False
+    if not mappings:
+        return ()
+    try:
+        return parse_rules(node, at=at.path)
+    except ConfigError as exc:
+        at.report.errors.extend(exc.errors)
+        return ()
 
 
 _security = _section(
@@ -937,13 +946,14 @@ def _inert_breakers(cfg: MeshConfig) -> Iterator[str]:
 def _security_warnings(security: SecuritySpec) -> Iterator[str]:
     if security.mtls.mode != "DISABLE":
         yield (
-            f"spec.security.mtls.mode: {security.mtls.mode} is not enforced yet; this version "
-            "of aimesh does not implement mTLS, so mesh traffic is plaintext"
+            f"spec.security.mtls.mode: {security.mtls.mode} applies to the proxies and backends "
+            "that have a mesh identity (--identity, with a certificate from the control "
+            "plane's CA); one started without an identity serves plaintext"
         )
-    if security.authorization.enabled:
+    if security.authorization.enabled and not security.authorization.rules:
         yield (
-            "spec.security.authorization.enabled: authorization is not enforced yet; this "
-            "version of aimesh does not implement it, so every call is allowed"
+            "spec.security.authorization.enabled: true with no rules, so every call is "
+            "denied (default deny); add ALLOW rules under spec.security.authorization.rules"
         )
 
 

@@ -15,6 +15,8 @@ from typing import Literal
 
 import grpc
 
+from ..security.authz import Rule
+
 API_VERSION = "mesh.ai/v1"
 KIND = "ServiceMesh"
 
@@ -243,8 +245,8 @@ class MtlsSpec:
 @dataclass(frozen=True, slots=True)
 class AuthorizationSpec:
     enabled: bool = False
-    # Kept raw until the authorization work defines the rule format.
-    rules: tuple[Mapping[str, object], ...] = ()
+    # Parsed and checked at load time (mesh/security/authz.py: parse_rules); in order.
+    rules: tuple[Rule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

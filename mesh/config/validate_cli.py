@@ -49,7 +49,8 @@ def summary(cfg: MeshConfig) -> str:
             for m in cfg.models
         ]
     sec = cfg.security
-    authz = "on" if sec.authorization.enabled else "off"
+    n = len(sec.authorization.rules)
+    authz = f"on ({n} rule{'s' if n != 1 else ''})" if sec.authorization.enabled else "off"
     lines.append(f"security: mTLS {sec.mtls.mode}, authorization {authz}")
     tracing = cfg.observability.tracing
     if tracing.enabled:

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf import json_format
 
@@ -17,6 +18,9 @@ from ..observability.tracing import TracingFlags, setup_tracing, shutdown_tracin
 from ..serving import host_of, stop_on_signals
 from .dashboard import dashboard
 from .server import ControlPlane, ControlPlaneServer
+
+if TYPE_CHECKING:
+    from ..security.cli import CaFlags
 from .store import EmbeddedStore, Store
 
 
@@ -83,6 +87,7 @@ async def run(
     dns: str | None,
     mesh_domain: str,
     tracing: TracingFlags | None = None,
+    ca: CaFlags | None = None,  # --ca-dir, --trust-domain, --cert-lifetime, --secure-listen
 ) -> int:
     logging.basicConfig(
         level=logging.INFO,
@@ -97,9 +102,25 @@ async def run(
     cp = ControlPlane(store)
     # Spans of the API's unary calls, when --otlp-endpoint or OTEL_* name a collector.
     provider = setup_tracing("aimesh-control-plane", None, os.environ, tracing)
-    server = ControlPlaneServer(cp, tracer_provider=provider)
+    identity = None
+    if ca is not None:
+        from .identity import IdentityService, load_or_create_ca
+
+        try:
+            authority, created = load_or_create_ca(ca.ca_dir, ca.trust_domain)
+            identity = IdentityService(authority, lifetime=ca.cert_lifetime)
+        except ValueError as exc:
+            print(f"aimesh control-plane: --ca-dir {ca.ca_dir}: {exc}", file=sys.stderr)
+            return 2
+        print(
+            f"aimesh control-plane: mesh CA for {authority.trust_domain} "
+            f"{'created in' if created else 'loaded from'} {ca.ca_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+    server = ControlPlaneServer(cp, tracer_provider=provider, identity=identity)
     try:
-        port = await server.start(listen)
+        port = await server.start(listen, ca.secure_listen if ca else None)
     except Exception as exc:  # the store could not open: say which and why, then exit
         print(f"aimesh control-plane: cannot start on {store.description}: {exc}", file=sys.stderr)
         return 1
@@ -107,6 +128,8 @@ async def run(
         f"aimesh control-plane listening on {host_of(listen)}:{port}",
         f"store {store.description}",
     ]
+    if server.secure_port and ca and ca.secure_listen:
+        parts.insert(1, f"mTLS on {host_of(ca.secure_listen)}:{server.secure_port}")
     admin_server = None
     if admin:
         admin_server = AdminServer(admin_routes(cp, server))  # type: ignore[arg-type]

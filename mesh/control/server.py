@@ -404,7 +404,7 @@ STREAMS = frozenset(
 class ControlPlaneServer:
     """The gRPC server with the three services, health and reflection."""
 
-    def __init__(self, cp: ControlPlane, tracer_provider: Any = None) -> None:
+    def __init__(self, cp: ControlPlane, tracer_provider: Any = None, identity: Any = None) -> None:
         self.cp = cp
         interceptors: list[Any] = [DecodeErrorInterceptor()]
         if tracer_provider is not None:  # a server span per unary call, not per stream
@@ -416,22 +416,36 @@ class ControlPlaneServer:
         pb_grpc.add_ConfigServicer_to_server(ConfigService(cp), self.server)
         self.status = StatusService(cp)
         pb_grpc.add_StatusServicer_to_server(self.status, self.server)
-        self.health = Health(self.server, SERVICES)
-        enable_reflection(self.server, SERVICES)
+        services = list(SERVICES)
+        self.identity = identity  # the mesh CA's Identity service (mesh/control/identity.py)
+        if identity is not None:
+            pb_grpc.add_IdentityServicer_to_server(identity, self.server)
+            services.append(pb.DESCRIPTOR.services_by_name["Identity"].full_name)
+        self.health = Health(self.server, services)
+        enable_reflection(self.server, services)
         self.port = 0
         self._observer: asyncio.Task[None] | None = None
 
-    async def start(self, listen: str) -> int:
+    async def start(self, listen: str, secure_listen: str | None = None) -> int:
         self.port = bind(self.server, listen)
+        self.secure_port = 0  # mTLS, with the mesh CA (mesh/control/identity.py)
+        if secure_listen and self.identity is not None:
+            self.secure_port = self.identity.bind_secure(self.server, secure_listen)
         await self.cp.store.open(self.cp)
         await self.server.start()
         await self.health.set_serving(True)
+        if self.secure_port:
+            host = listen.rpartition(":")[0]
+            host = "127.0.0.1" if host in ("", "0.0.0.0", "[::]") else host
+            await self.identity.start_own(f"{host}:{self.port}")
         self._observer = asyncio.get_running_loop().create_task(self.cp.observe_every())
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:
         if self._observer is not None:
             self._observer.cancel()
+        if self.identity is not None:
+            await self.identity.stop_own()
         await self.health.shutdown()
         # Watch streams never end on their own; stopping cancels them, and watchers
         # reconnect to another replica (or to this one when it is back).

@@ -10,7 +10,8 @@
      "experiment":null,"arm":null,"resumed":0}
 
 `time` is when the call arrived (RFC 3339, UTC, milliseconds). Failed calls carry their
-status `message`. `served_model` is null unless a route rewrote the model (then it
+status `message`; calls authorization denied also carry `rule` (its name, or
+`default-deny`). `served_model` is null unless a route rewrote the model (then it
 names the one the backend was asked for); `cost_usd` is null when the call cost nothing
 known (no price for the model, or no tokens); `experiment` and `arm` are null outside an
 experiment. Prompts and completions are never written unless the settings ask
@@ -113,6 +114,8 @@ def record(event: CallEnded, include_content: bool = False) -> dict[str, Any]:
     }
     if event.code is not grpc.StatusCode.OK:
         rec["message"] = event.details
+    if facts.denied_by:  # PERMISSION_DENIED by authorization: the rule (or default-deny)
+        rec["rule"] = facts.denied_by
     rec["tokens_in"] = facts.tokens_in
     rec["tokens_out"] = facts.tokens_out
     rec["latency_ms"] = round(event.duration * 1000, 3)

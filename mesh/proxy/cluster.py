@@ -127,6 +127,20 @@ def insecure_channel_factory(options: list[tuple[str, Any]]) -> ChannelFactory:
     return make
 
 
+def mtls_channel_factory(
+    identity: Any, options: list[tuple[str, Any]], expected_id: str
+) -> ChannelFactory:
+    """Channels with the workload's current client certificate that accept only a server
+    proving `expected_id` (see mesh/security/workload.py). `identity` is a
+    WorkloadIdentity; its credentials are read at each new channel, so channels made after
+    a rotation carry the new certificate."""
+
+    def make(address: str) -> grpc.aio.Channel:
+        return identity.secure_channel(address, expected_id, options)  # type: ignore[no-any-return]
+
+    return make
+
+
 class Cluster:
     def __init__(
         self,
@@ -230,6 +244,17 @@ class Cluster:
                 current.endpoint.zone = spec.zone
         self.rebuild()
         return closed
+
+    def rechannel(self) -> list[grpc.aio.Channel]:
+        """A new channel for every endpoint (after a client certificate rotation); new
+        calls take it at once. Returns the old channels for the caller to close once their
+        in-flight calls are done."""
+        old: list[grpc.aio.Channel] = []
+        for up in self.upstreams.values():
+            old.append(up.channel)
+            up.channel = self._channel_factory(up.address)
+            up._mc = {}
+        return old
 
     # -- health -------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from aimesh.interceptors.limits import LimitExceeded
 from aimesh.interceptors.retry_policy import Retry, decide
 
 from ..errors import MeshError
+from ..security.authz import Authorizer
 from .cluster import SS, SU, US, UU, Cluster, Upstream
 from .router import INFERENCE_SERVICE, MODEL_METHODS, RouteDecision, Router, split_path
 from .tokenstream import Delivered, pump, resumed_request
@@ -57,6 +58,8 @@ RESUMABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
 MAX_RESUMES = 3
+# Identities authorization rules can name; anything else (a peer address) is no identity.
+AUTHENTICATED = ("spiffe://", "tenant:")
 
 
 class AttemptObserver(Protocol):
@@ -78,8 +81,11 @@ def forwardable(metadata: Any) -> tuple[tuple[str, Any], ...]:
     (a request id it generated, for one)."""
     headers = tuple((k, v) for k, v in metadata if k not in _HOP_HEADERS)
     call = current_call()
-    if call is not None and call.forward_headers:
-        headers = (*headers, *call.forward_headers)
+    if call is not None:
+        if call.drop_headers:
+            headers = tuple(h for h in headers if h[0] not in call.drop_headers)
+        if call.forward_headers:
+            headers = (*headers, *call.forward_headers)
     return headers
 
 
@@ -174,6 +180,11 @@ class Forwarder:
         self.observer: AttemptObserver | None = None  # tracing, when on
         # Keep request bytes and streamed text in the call's facts (audit with content).
         self.capture = False
+        # Authorization (spec.security.authorization), when enabled: each call is decided
+        # once its route is known, against every service the route may send it to.
+        self.authorizer: Authorizer | None = None
+        # A sidecar's inbound side: the local app's service name, the one destination.
+        self.authz_service: str | None = None
 
     def _track(self, call: Any) -> None:
         self.calls.add(call)
@@ -320,7 +331,26 @@ class Forwarder:
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"no route for {what}: no traffic policy matches and no service serves it",
             )
+        if self.authorizer is not None:
+            self.authorize(self.authorizer, path, decision, facts)
         return decision
+
+    def authorize(
+        self, authorizer: Authorizer, path: str, decision: RouteDecision, facts: CallFacts | None
+    ) -> None:
+        """Deny first, default deny: the call must be allowed to every service its route
+        may send it to (split and backups), so where it lands never changes the answer.
+        The caller is its SPIFFE ID (mTLS) or `tenant:<name>` (a gateway credential)."""
+        call = current_call()
+        identity = call.identity if call is not None else ""
+        source = identity if identity.startswith(AUTHENTICATED) else None
+        services = (self.authz_service,) if self.authz_service else decision.services()
+        for service in dict.fromkeys(services):
+            verdict = authorizer.decide(source, service, path)
+            if not verdict.allowed:
+                if facts is not None:
+                    facts.denied_by = verdict.rule_name or "default-deny"
+                raise MeshError(grpc.StatusCode.PERMISSION_DENIED, verdict.reason)
 
     def pick(
         self, decision: RouteDecision, exclude: tuple[str, ...] = (), model: str | None = None

@@ -72,7 +72,6 @@ class HealthChecker:
                 await t
 
     async def _run(self, cluster: Cluster, up: Upstream, p: HealthPolicy) -> None:
-        stub = health_pb2_grpc.HealthStub(up.channel)
         request = health_pb2.HealthCheckRequest(service=p.service)
         failures = 0
         successes = 0
@@ -98,6 +97,10 @@ class HealthChecker:
                     cluster.set_active_health(up, False)
 
         while True:
+            # The channel may change under us (a rotated client certificate, see
+            # Cluster.rechannel): each check uses the current one.
+            channel = up.channel
+            stub = health_pb2_grpc.HealthStub(channel)
             if use_watch:
                 call = stub.Watch(request)
                 try:
@@ -125,6 +128,8 @@ class HealthChecker:
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                         use_watch = False
+                        continue
+                    if up.channel is not channel:  # the old channel drained: not a failure
                         continue
                 except TimeoutError:
                     pass

@@ -20,6 +20,7 @@ from ..control.client import MeshState, MeshWatcher, Reporter
 from ..errors import ConfigError
 from ..observability.metrics import metrics_route, proxy_registry
 from ..observability.tracing import proxy_tracing, shutdown_tracing
+from ..security.mtls import stats as mtls_stats
 from ..serving import stop_on_signals
 from .cluster import EndpointAddr
 from .server import Proxy, ProxySettings
@@ -159,7 +160,7 @@ async def run(
                 "/ready": lambda: text_response("ready\n"),
                 "/metrics": metrics_route(registry),
                 "/clusters": lambda: json_response(proxy.snapshot()),
-                "/stats": lambda: json_response(proxy.counters.snapshot()),
+                "/stats": lambda: json_response({**proxy.counters.snapshot(), **mtls_stats(proxy)}),
                 "/config": lambda: text_response(
                     summary(proxy.config) + "\n" if proxy.config else "no config\n"
                 ),

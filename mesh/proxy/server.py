@@ -30,10 +30,17 @@ from aimesh.interceptors.events import Counters, Sink
 from ..config import MeshConfig, ServiceSpec
 from ..observability.audit import AuditLog, AuditSettings
 from ..observability.tracing import TracingFlags
+from ..security.authz import Authorizer
 from ..serving import HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA, Health, bind, server_options
 from ..serving import _register_reflection_v1_descriptor as register_v1_descriptor
 from . import descriptors
-from .cluster import Cluster, EndpointAddr, OutlierPolicy, insecure_channel_factory
+from .cluster import (
+    Cluster,
+    EndpointAddr,
+    OutlierPolicy,
+    insecure_channel_factory,
+    mtls_channel_factory,
+)
 from .forward import AttemptObserver, Forwarder, GenericHandler
 from .health import HealthChecker, HealthPolicy
 from .router import Router
@@ -65,6 +72,15 @@ class ProxySettings:
     audit: AuditSettings | None = None  # the audit trail: one JSON line per call, when set
     # --otlp-endpoint and --trace-sampling (mesh/observability/tracing.py: proxy_tracing).
     tracing: TracingFlags | None = None
+    # mTLS (mesh/security/cli.py MtlsFlags): the proxy gets its identity at start...
+    mtls: Any = None
+    # ...or is handed a started WorkloadIdentity (tests); either turns mTLS on.
+    identity: Any = None
+    rotation_drain: float = 30.0  # old upstream channels' grace after a rotation
+    # Callers' credentials at the gateway (--api-keys, --jwt-*: security/callers.py).
+    callers: Policy | None = None
+    # Sidecar: the local app's service name (--service), what its inbound side authorizes.
+    service: str | None = None
 
 
 def _health_policy(spec: ServiceSpec | None) -> HealthPolicy:
@@ -152,6 +168,8 @@ class Proxy:
         self.audit: AuditLog | None = None  # from settings.audit, between start() and stop()
         self.forwarder: Forwarder | None = None
         self.inbound: Forwarder | None = None
+        self.authorizer: Authorizer | None = None  # spec.security.authorization, when enabled
+        self._authz_spec: object = None
         self.servers: list[grpc.aio.Server] = []
         self.healths: list[Health] = []
         self.ports: dict[str, int] = {}
@@ -162,6 +180,10 @@ class Proxy:
         self.discovered_models: dict[str, str] = {}
         self.catalog_version = 0  # of the control plane's catalog and config now live
         self.config_version = 0
+        self.identity: Any = settings.identity  # WorkloadIdentity when mTLS is on
+        self.mtls_mode = "DISABLE"  # mesh/security/mtls.py decides at start
+        self.plaintext_calls = 0  # PERMISSIVE: calls through the plaintext listener
+        self.rotations = 0
 
     # -- configuration ------------------------------------------------------------------
 
@@ -190,7 +212,7 @@ class Proxy:
                 cluster = Cluster(
                     name,
                     algorithm=algorithm,
-                    channel_factory=self._channel_factory_for(spec),
+                    channel_factory=self._channel_factory_for(spec, name),
                     outlier=_outlier(spec),
                     rng=random.Random(self.rng.random()),
                 )
@@ -215,9 +237,23 @@ class Proxy:
             self.forwarder.observer = self.observer
         else:
             self.forwarder.update(router, new)
+        self._authorize(config)
         for cluster in new.values():
             for up in cluster.upstreams.values():
                 self._learn(cluster, up)
+
+    def _authorize(self, config: MeshConfig) -> None:
+        """Makes the config's authorization live (built anew only when it changed): on a
+        gateway's listener, and on a sidecar's inbound side (its outbound side serves the
+        local app; the callee's inbound side authorizes those calls)."""
+        spec = config.security.authorization
+        if spec is not self._authz_spec:
+            self._authz_spec = spec
+            self.authorizer = Authorizer.from_config(spec) if spec.enabled else None
+        if self.forwarder is not None and self.settings.mode == "gateway":
+            self.forwarder.authorizer = self.authorizer
+        if self.inbound is not None:
+            self.inbound.authorizer = self.authorizer
 
     def set_discovered(
         self, endpoints: Mapping[str, Sequence[EndpointAddr]], models: Mapping[str, str]
@@ -241,7 +277,15 @@ class Proxy:
                     self._endpoints_for(name, self.config.service(name))
                 )
 
-    def _channel_factory_for(self, spec: ServiceSpec | None) -> Any:
+    def _channel_factory_for(self, spec: ServiceSpec | None, name: str | None = None) -> Any:
+        if self.identity is not None and name is not None:
+            size = (spec.max_message_bytes if spec else None) or self.settings.max_message_bytes
+            options = [
+                *UPSTREAM_OPTIONS,
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+            ]
+            return mtls_channel_factory(self.identity, options, self.identity.expected_id(name))
         if spec is None or spec.max_message_bytes is None:
             return self._channel_factory
         limit = spec.max_message_bytes
@@ -270,11 +314,13 @@ class Proxy:
 
     # -- serving ------------------------------------------------------------------------
 
-    def _server(self, forwarder: Forwarder) -> tuple[grpc.aio.Server, Health]:
+    def _server(
+        self, forwarder: Forwarder, inner: Sequence[Policy] = ()
+    ) -> tuple[grpc.aio.Server, Health]:
         server = grpc.aio.server(
             options=server_options(self.settings.max_message_bytes),
             interceptors=[
-                inbound_stack(self.settings.min_deadline, self.sinks, self.outer_policies)
+                inbound_stack(self.settings.min_deadline, self.sinks, self.outer_policies, inner)
             ],
         )
         health = Health(server, [])
@@ -283,6 +329,9 @@ class Proxy:
         return server, health
 
     async def start(self, config: MeshConfig) -> None:
+        from ..security.mtls import PlaintextCounter, listener_credentials, setup_identity
+
+        await setup_identity(self, config)
         self.apply(config)
         assert self.forwarder is not None
         if self.settings.audit is not None and self.audit is None:
@@ -290,8 +339,12 @@ class Proxy:
             self.audit.start()
             self.sinks.append(self.audit)
             self.forwarder.capture |= self.settings.audit.include_content
-        outbound, health = self._server(self.forwarder)
-        self.ports["listen"] = bind(outbound, self.settings.listen)
+        callers = self.settings.callers
+        outbound, health = self._server(
+            self.forwarder, [callers] if callers and self.settings.mode == "gateway" else []
+        )
+        creds = listener_credentials(self, client_facing=True)
+        self.ports["listen"] = bind(outbound, self.settings.listen, creds)
         self.servers.append(outbound)
         self.healths.append(health)
         if self.settings.mode == "sidecar":
@@ -307,11 +360,24 @@ class Proxy:
             )
             self.inbound.observer = self.observer
             self.inbound.capture = self.forwarder.capture
+            self.inbound.authz_service = self.settings.service or "local-app"
+            self.inbound.authorizer = self.authorizer
             inbound, in_health = self._server(self.inbound)
-            self.ports["inbound"] = bind(inbound, self.settings.inbound_listen)
+            creds = listener_credentials(self, client_facing=False)
+            self.ports["inbound"] = bind(inbound, self.settings.inbound_listen, creds)
             self.servers.append(inbound)
             self.healths.append(in_health)
             self._learn(local, next(iter(local.upstreams.values())))
+        plaintext_listen = getattr(self.settings.mtls, "plaintext_listen", None)
+        if plaintext_listen and self.mtls_mode == "PERMISSIVE":
+            # PERMISSIVE: the mesh-facing side also takes plaintext, on its own port
+            # (one gRPC port is TLS or not), and counts what comes in clear.
+            side = self.inbound if self.inbound is not None else self.forwarder
+            gate = [callers] if callers and self.inbound is None else []
+            clear, clear_health = self._server(side, [PlaintextCounter(self), *gate])
+            self.ports["plaintext"] = bind(clear, plaintext_listen)
+            self.servers.append(clear)
+            self.healths.append(clear_health)
         for server in self.servers:
             await server.start()
         for h in self.healths:
@@ -335,6 +401,8 @@ class Proxy:
                 call.cancel()
         await asyncio.gather(*(s.stop(1.0) for s in self.servers))
         await self.health_checker.close()
+        if self.identity is not None and self.settings.identity is None:
+            await self.identity.stop()  # the proxy started it
         if self.audit is not None:  # every call has ended: write the last records
             await self.audit.aclose()
         for t in list(self._tasks):

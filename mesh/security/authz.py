@@ -17,9 +17,12 @@ authorization:
 ```
 
 - `sources`: SPIFFE ID patterns of the caller (syntax in `spiffe`: `*` within one segment,
-  `**` for one or more whole segments, `*` alone for any authenticated workload). Omitted:
-  any caller, including one without a mesh identity (plaintext under PERMISSIVE mTLS);
-  a caller without an identity never matches a listed pattern, not even `*`.
+  `**` for one or more whole segments), or tenant patterns `tenant:<name>` for callers
+  outside the mesh that a gateway authenticated by API key or JWT (`*` in the name matches
+  any run of characters: `tenant:team-*`). `*` alone matches any authenticated caller, a
+  workload or a tenant. Omitted: any caller, including one without an identity (plaintext
+  under PERMISSIVE mTLS); a caller without an identity never matches a listed pattern, not
+  even `*`. Tenant callers are presented to `decide` as `tenant:<name>`.
 - `destinations`: service names, `*` wildcards allowed (`gpt4-*`); omitted or `*`: all.
 - `methods`: full gRPC method names `/package.Service/Method`, a whole service
   `/package.Service/*`, or `*`; omitted: all.
@@ -58,6 +61,8 @@ DEFAULT_CACHE_SIZE = 4096
 _METHOD = re.compile(r"/[A-Za-z_][A-Za-z0-9_.]*/(?:[A-Za-z_][A-Za-z0-9_]*|\*)")
 _SERVICE = re.compile(r"[a-z0-9*]([a-z0-9*-]*[a-z0-9*])?")
 _NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
+TENANT_PREFIX = "tenant:"
+_TENANT_PATTERN = re.compile(r"[A-Za-z0-9._:@*-]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,7 @@ class Decision:
 class _Compiled:
     __slots__ = (
         "any_dest",
+        "any_identity",
         "any_method",
         "any_source",
         "dest_re",
@@ -89,12 +95,21 @@ class _Compiled:
         "methods",
         "name",
         "sources",
+        "tenants",
     )
 
     def __init__(self, rule: Rule) -> None:
         self.name = rule.name
         self.any_source = rule.sources is None
-        self.sources = PatternSet(rule.sources or ())
+        listed = rule.sources or ()
+        self.any_identity = "*" in listed
+        self.sources = PatternSet(s for s in listed if s != "*" and not s.startswith(TENANT_PREFIX))
+        tenants = [
+            re.escape(TENANT_PREFIX) + ".*".join(map(re.escape, s[len(TENANT_PREFIX) :].split("*")))
+            for s in listed
+            if s.startswith(TENANT_PREFIX)
+        ]
+        self.tenants = re.compile("|".join(tenants)) if tenants else None
         self.any_dest = "*" in rule.destinations
         self.dests = frozenset(d for d in rule.destinations if "*" not in d)
         wild = [d for d in rule.destinations if "*" in d and d != "*"]
@@ -118,9 +133,17 @@ def _first(
             continue
         if not (r.any_method or method in r.methods or service in r.method_services):
             continue
-        if r.any_source or (source is not None and r.sources.matches(source)):
+        if r.any_source or (source is not None and _source_matches(r, source)):
             return r
     return None
+
+
+def _source_matches(r: _Compiled, source: str) -> bool:
+    if r.any_identity:
+        return True
+    if source.startswith(TENANT_PREFIX):
+        return r.tenants is not None and r.tenants.fullmatch(source) is not None
+    return r.sources.matches(source)
 
 
 def check_rule(rule: Rule) -> list[str]:
@@ -137,6 +160,13 @@ def check_rule(rule: Rule) -> list[str]:
         if values is not None and not values:
             problems.append(f"{key}: an empty list matches nothing; omit it to match any")
     for i, src in enumerate(rule.sources or ()):
+        if src.startswith(TENANT_PREFIX):
+            if not _TENANT_PATTERN.fullmatch(src[len(TENANT_PREFIX) :]):
+                problems.append(
+                    f"sources[{i}]: {src!r} is not a tenant pattern: tenant:<name>, the name "
+                    "1 to 128 of letters, digits, '.', '_', ':', '@', '-' or '*'"
+                )
+            continue
         try:
             PatternSet([src])
         except ValueError as exc:
@@ -181,8 +211,15 @@ class Authorizer:
     def from_config(
         cls, spec: _AuthorizationSpecLike, *, trust_domain: str | None = None
     ) -> Authorizer:
-        """From `MeshConfig.security.authorization`; raises ConfigError naming each problem."""
-        return cls(parse_rules(spec.rules, trust_domain=trust_domain), spec.enabled)
+        """From `MeshConfig.security.authorization` (rules already parsed by the config
+        loader, or YAML mappings); raises ConfigError naming each problem."""
+        items = spec.rules
+        if all(isinstance(r, Rule) for r in items):
+            return cls([r for r in items if isinstance(r, Rule)], spec.enabled)
+        raw = [r for r in items if not isinstance(r, Rule)]
+        if len(raw) != len(items):
+            raise TypeError("rules must be all parsed Rules or all YAML mappings")
+        return cls(parse_rules(raw, trust_domain=trust_domain), spec.enabled)
 
     def decide(self, source_id: str | None, destination_service: str, method: str) -> Decision:
         """Whether `source_id` (None: no mesh identity) may call `method` on the service."""
@@ -221,7 +258,7 @@ class _AuthorizationSpecLike(Protocol):
     def enabled(self) -> bool: ...
 
     @property
-    def rules(self) -> Sequence[Mapping[str, object]]: ...
+    def rules(self) -> Sequence[Mapping[str, object] | Rule]: ...
 
 
 # --- from the YAML ---------------------------------------------------------------------------

@@ -28,6 +28,9 @@ from .service import InferenceService, SimBackend, SimConfig, SimControlService
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
+    from ..security.cli import MtlsFlags
+    from ..security.workload import WorkloadIdentity
+
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 SIM_CONTROL = sim_pb2.DESCRIPTOR.services_by_name["SimControl"].full_name
 
@@ -50,6 +53,7 @@ class RunningSim:
     backend: SimBackend
     health: Health
     port: int
+    plaintext_port: int = 0  # PERMISSIVE: the plaintext port next to the mTLS one
 
     async def stop(self, grace: float = 5.0) -> int:
         """Graceful stop: NOT_SERVING, refuse new generations, let in-flight ones finish
@@ -68,6 +72,8 @@ async def start_sim(
     faults: Faults | None = None,
     seed: int | None = None,
     tracer_provider: TracerProvider | None = None,
+    identity: WorkloadIdentity | None = None,
+    plaintext_listen: str | None = None,
 ) -> RunningSim:
     """Starts an instance in this event loop (tests use it directly; the CLI wraps it).
     With a `tracer_provider`, every call but health and reflection gets a server span,
@@ -76,7 +82,9 @@ async def start_sim(
     if tracer_provider is not None:
         interceptors.insert(0, server_interceptor(tracer_provider))
     server = grpc.aio.server(options=server_options(), interceptors=interceptors)
-    port = bind(server, listen)
+    # With an identity the port is STRICT mTLS; PERMISSIVE adds a plaintext port.
+    port = bind(server, listen, identity.server_credentials() if identity else None)
+    plaintext_port = bind(server, plaintext_listen) if plaintext_listen else 0
     host = listen.rpartition(":")[0]
     if not config.instance_id:
         config = replace(config, instance_id=f"{host}:{port}")
@@ -89,7 +97,9 @@ async def start_sim(
     enable_reflection(server, [INFERENCE, SIM_CONTROL])
     await server.start()
     await health.set_serving(True)
-    return RunningSim(server=server, backend=backend, health=health, port=port)
+    sim = RunningSim(server=server, backend=backend, health=health, port=port)
+    sim.plaintext_port = plaintext_port
+    return sim
 
 
 async def serve(
@@ -101,6 +111,7 @@ async def serve(
     grace: float = 10.0,
     registration: Registration | None = None,
     tracing: TracingFlags | None = None,
+    mtls: MtlsFlags | None = None,
 ) -> None:
     """Serves until SIGTERM/SIGINT, then drains for up to `grace` seconds. With a
     `registration`, the instance registers itself once serving and deregisters first
@@ -110,7 +121,7 @@ async def serve(
         "aimesh-sim", None, os.environ, tracing, instance_id=config.instance_id or None
     )
     try:
-        await _serve(config, listen, faults, seed, grace, registration, provider)
+        await _serve(config, listen, faults, seed, grace, registration, provider, mtls)
     finally:
         await asyncio.to_thread(shutdown_tracing, provider)  # the last spans
 
@@ -123,8 +134,32 @@ async def _serve(
     grace: float,
     registration: Registration | None,
     provider: TracerProvider | None,
+    mtls: MtlsFlags | None = None,
 ) -> None:
-    sim = await start_sim(config, listen, faults=faults, seed=seed, tracer_provider=provider)
+    identity = None
+    if mtls is not None:
+        from ..security.mtls import start_or_exit
+        from ..security.workload import WorkloadIdentity
+
+        identity = WorkloadIdentity(
+            mtls.control_plane,
+            mtls.identity,
+            mtls.join_token,
+            secure_control_plane=mtls.secure_control_plane,
+        )
+        svid = await start_or_exit(identity, "aimesh backend sim")
+        print(
+            f"aimesh sim backend: identity {svid.spiffe_id} ({mtls.mode or 'STRICT'})", flush=True
+        )
+    sim = await start_sim(
+        config,
+        listen,
+        faults=faults,
+        seed=seed,
+        tracer_provider=provider,
+        identity=identity,
+        plaintext_listen=mtls.plaintext_listen if mtls else None,
+    )
     registrar = None
     host = listen.rpartition(":")[0]
     if registration is not None:
@@ -150,6 +185,8 @@ async def _serve(
         flush=True,
     )
     cut = await sim.stop(grace)
+    if identity is not None:
+        await identity.stop()
     note = f" ({cut} calls cut short after the grace period)" if cut else ""
     print(f"aimesh sim backend {c.instance_id}: stopped{note}", file=sys.stderr, flush=True)
 

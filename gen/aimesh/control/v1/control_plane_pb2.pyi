@@ -9,6 +9,7 @@ Three services on one port:
 - Config: the declarative ServiceMesh document (apiVersion mesh.ai/v1),
   applied whole or rejected whole, versioned, watched by proxies.
 - Status: proxies report what they see; operators read the topology.
+- Identity: the mesh CA (with --ca-dir) signs workloads' certificates.
 
 Versions are opaque, strictly increasing numbers. With the etcd store they
 are etcd revisions, so every replica of the control plane gives the same
@@ -786,3 +787,111 @@ class InstanceStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InstanceStatus: _TypeAlias = InstanceStatus  # noqa: Y015
+
+@_typing.final
+class SignCertificateRequest(_message.Message):
+    """---------------------------------------------------------------- identity"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSR_PEM_FIELD_NUMBER: _builtins.int
+    JOIN_TOKEN_FIELD_NUMBER: _builtins.int
+    CURRENT_CHAIN_PEM_FIELD_NUMBER: _builtins.int
+    CSR_SIGNATURE_FIELD_NUMBER: _builtins.int
+    csr_pem: _builtins.str
+    """PEM PKCS#10 CSR with exactly one URI SAN: the SPIFFE ID asked for."""
+    join_token: _builtins.str
+    """A join token (`aimesh identity token`) granting that SPIFFE ID."""
+    current_chain_pem: _builtins.str
+    """Renewal without a token: the current certificate chain (leaf first) and
+    the current key's signature (ECDSA or RSA PKCS#1 v1.5, SHA-256) over the
+    CSR's DER bytes.
+    """
+    csr_signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        csr_pem: _builtins.str = ...,
+        join_token: _builtins.str = ...,
+        current_chain_pem: _builtins.str = ...,
+        csr_signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem", "csr_signature", b"csr_signature", "current_chain_pem", b"current_chain_pem", "join_token", b"join_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignCertificateRequest: _TypeAlias = SignCertificateRequest  # noqa: Y015
+
+@_typing.final
+class SignCertificateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_CHAIN_PEM_FIELD_NUMBER: _builtins.int
+    TRUST_BUNDLE_PEM_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    certificate_chain_pem: _builtins.str
+    """The leaf then the intermediate, PEM."""
+    trust_bundle_pem: _builtins.str
+    """The roots to verify peers with, PEM."""
+    spiffe_id: _builtins.str
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        certificate_chain_pem: _builtins.str = ...,
+        trust_bundle_pem: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        spiffe_id: _builtins.str = ...,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "issued_at", b"issued_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_chain_pem", b"certificate_chain_pem", "expires_at", b"expires_at", "issued_at", b"issued_at", "spiffe_id", b"spiffe_id", "trust_bundle_pem", b"trust_bundle_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignCertificateResponse: _TypeAlias = SignCertificateResponse  # noqa: Y015
+
+@_typing.final
+class GetTrustBundleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTrustBundleRequest: _TypeAlias = GetTrustBundleRequest  # noqa: Y015
+
+@_typing.final
+class TrustBundle(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_BUNDLE_PEM_FIELD_NUMBER: _builtins.int
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    trust_bundle_pem: _builtins.str
+    trust_domain: _builtins.str
+    def __init__(
+        self,
+        *,
+        trust_bundle_pem: _builtins.str = ...,
+        trust_domain: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["trust_bundle_pem", b"trust_bundle_pem", "trust_domain", b"trust_domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrustBundle: _TypeAlias = TrustBundle  # noqa: Y015

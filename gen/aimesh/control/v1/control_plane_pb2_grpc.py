@@ -565,3 +565,132 @@ class Status:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class IdentityStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SignCertificate = channel.unary_unary(
+                '/aimesh.mesh.v1.Identity/SignCertificate',
+                request_serializer=aimesh_dot_control_dot_v1_dot_control__plane__pb2.SignCertificateRequest.SerializeToString,
+                response_deserializer=aimesh_dot_control_dot_v1_dot_control__plane__pb2.SignCertificateResponse.FromString,
+                _registered_method=True)
+        self.GetTrustBundle = channel.unary_unary(
+                '/aimesh.mesh.v1.Identity/GetTrustBundle',
+                request_serializer=aimesh_dot_control_dot_v1_dot_control__plane__pb2.GetTrustBundleRequest.SerializeToString,
+                response_deserializer=aimesh_dot_control_dot_v1_dot_control__plane__pb2.TrustBundle.FromString,
+                _registered_method=True)
+
+
+class IdentityServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def SignCertificate(self, request, context):
+        """SignCertificate signs a workload's CSR into an X.509-SVID (its SPIFFE ID
+        as the one URI SAN, plus a DNS SAN derived from it). The private key
+        never leaves the workload. The caller proves it may hold the identity the
+        CSR names with one of:
+        - a join token granting it (first contact; each token works once);
+        - its current mesh certificate: either presented as the TLS client
+        certificate on an mTLS port of the control plane, or in `current` with
+        a signature over the CSR by the current key (renewal over any channel).
+        UNAUTHENTICATED: no proof, or a bad, expired, used or tampered token or
+        certificate. PERMISSION_DENIED: the proof is good but for another
+        identity. INVALID_ARGUMENT: a malformed CSR. FAILED_PRECONDITION: this
+        control plane runs without a CA.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrustBundle(self, request, context):
+        """GetTrustBundle returns the roots every workload must trust now
+        (current, next while a rotation is prepared, retired ones in overlap).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_IdentityServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SignCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignCertificate,
+                    request_deserializer=aimesh_dot_control_dot_v1_dot_control__plane__pb2.SignCertificateRequest.FromString,
+                    response_serializer=aimesh_dot_control_dot_v1_dot_control__plane__pb2.SignCertificateResponse.SerializeToString,
+            ),
+            'GetTrustBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrustBundle,
+                    request_deserializer=aimesh_dot_control_dot_v1_dot_control__plane__pb2.GetTrustBundleRequest.FromString,
+                    response_serializer=aimesh_dot_control_dot_v1_dot_control__plane__pb2.TrustBundle.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'aimesh.mesh.v1.Identity', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('aimesh.mesh.v1.Identity', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Identity:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def SignCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aimesh.mesh.v1.Identity/SignCertificate',
+            aimesh_dot_control_dot_v1_dot_control__plane__pb2.SignCertificateRequest.SerializeToString,
+            aimesh_dot_control_dot_v1_dot_control__plane__pb2.SignCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrustBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aimesh.mesh.v1.Identity/GetTrustBundle',
+            aimesh_dot_control_dot_v1_dot_control__plane__pb2.GetTrustBundleRequest.SerializeToString,
+            aimesh_dot_control_dot_v1_dot_control__plane__pb2.TrustBundle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -9,6 +9,7 @@ Three services on one port:
 - Config: the declarative ServiceMesh document (apiVersion mesh.ai/v1),
   applied whole or rejected whole, versioned, watched by proxies.
 - Status: proxies report what they see; operators read the topology.
+- Identity: the mesh CA (with --ca-dir) signs workloads' certificates.
 
 Versions are opaque, strictly increasing numbers. With the etcd store they
 are etcd revisions, so every replica of the control plane gives the same
@@ -265,3 +266,82 @@ class StatusServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_StatusServicer_to_server(servicer: StatusServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class IdentityStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> IdentityAsyncStub: ...
+    SignCertificate: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.SignCertificateRequest, _control_plane_pb2.SignCertificateResponse]
+    """SignCertificate signs a workload's CSR into an X.509-SVID (its SPIFFE ID
+    as the one URI SAN, plus a DNS SAN derived from it). The private key
+    never leaves the workload. The caller proves it may hold the identity the
+    CSR names with one of:
+    - a join token granting it (first contact; each token works once);
+    - its current mesh certificate: either presented as the TLS client
+      certificate on an mTLS port of the control plane, or in `current` with
+      a signature over the CSR by the current key (renewal over any channel).
+    UNAUTHENTICATED: no proof, or a bad, expired, used or tampered token or
+    certificate. PERMISSION_DENIED: the proof is good but for another
+    identity. INVALID_ARGUMENT: a malformed CSR. FAILED_PRECONDITION: this
+    control plane runs without a CA.
+    """
+    GetTrustBundle: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.GetTrustBundleRequest, _control_plane_pb2.TrustBundle]
+    """GetTrustBundle returns the roots every workload must trust now
+    (current, next while a rotation is prepared, retired ones in overlap).
+    """
+
+@_typing.type_check_only
+class IdentityAsyncStub(IdentityStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    SignCertificate: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.SignCertificateRequest, _control_plane_pb2.SignCertificateResponse]  # type: ignore[assignment]
+    """SignCertificate signs a workload's CSR into an X.509-SVID (its SPIFFE ID
+    as the one URI SAN, plus a DNS SAN derived from it). The private key
+    never leaves the workload. The caller proves it may hold the identity the
+    CSR names with one of:
+    - a join token granting it (first contact; each token works once);
+    - its current mesh certificate: either presented as the TLS client
+      certificate on an mTLS port of the control plane, or in `current` with
+      a signature over the CSR by the current key (renewal over any channel).
+    UNAUTHENTICATED: no proof, or a bad, expired, used or tampered token or
+    certificate. PERMISSION_DENIED: the proof is good but for another
+    identity. INVALID_ARGUMENT: a malformed CSR. FAILED_PRECONDITION: this
+    control plane runs without a CA.
+    """
+    GetTrustBundle: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.GetTrustBundleRequest, _control_plane_pb2.TrustBundle]  # type: ignore[assignment]
+    """GetTrustBundle returns the roots every workload must trust now
+    (current, next while a rotation is prepared, retired ones in overlap).
+    """
+
+class IdentityServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def SignCertificate(
+        self,
+        request: _control_plane_pb2.SignCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.SignCertificateResponse, _abc.Awaitable[_control_plane_pb2.SignCertificateResponse]]:
+        """SignCertificate signs a workload's CSR into an X.509-SVID (its SPIFFE ID
+        as the one URI SAN, plus a DNS SAN derived from it). The private key
+        never leaves the workload. The caller proves it may hold the identity the
+        CSR names with one of:
+        - a join token granting it (first contact; each token works once);
+        - its current mesh certificate: either presented as the TLS client
+          certificate on an mTLS port of the control plane, or in `current` with
+          a signature over the CSR by the current key (renewal over any channel).
+        UNAUTHENTICATED: no proof, or a bad, expired, used or tampered token or
+        certificate. PERMISSION_DENIED: the proof is good but for another
+        identity. INVALID_ARGUMENT: a malformed CSR. FAILED_PRECONDITION: this
+        control plane runs without a CA.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTrustBundle(
+        self,
+        request: _control_plane_pb2.GetTrustBundleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.TrustBundle, _abc.Awaitable[_control_plane_pb2.TrustBundle]]:
+        """GetTrustBundle returns the roots every workload must trust now
+        (current, next while a rotation is prepared, retired ones in overlap).
+        """
+
+def add_IdentityServicer_to_server(servicer: IdentityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,6 +15,9 @@ __all__ = (
     "DeregisterResponse",
     "EndpointReport",
     "GetConfigRequest",
+    "GetTrustBundleRequest",
+    "IdentityAsyncStub",
+    "IdentityStub",
     "Instance",
     "InstanceRef",
     "InstanceStatus",
@@ -28,10 +31,13 @@ __all__ = (
     "RegistryStub",
     "ReportAck",
     "ServiceStatus",
+    "SignCertificateRequest",
+    "SignCertificateResponse",
     "StatusAsyncStub",
     "StatusStub",
     "Topology",
     "TopologyRequest",
+    "TrustBundle",
     "WatchCatalogRequest",
     "WatchConfigRequest",
 )
@@ -224,6 +230,16 @@ class GetConfigRequest(betterproto2.Message):
 
 
 default_message_pool.register_message("aimesh.mesh.v1", "GetConfigRequest", GetConfigRequest)
+
+
+@dataclass(eq=False, repr=False)
+class GetTrustBundleRequest(betterproto2.Message):
+    pass
+
+
+default_message_pool.register_message(
+    "aimesh.mesh.v1", "GetTrustBundleRequest", GetTrustBundleRequest
+)
 
 
 @dataclass(eq=False, repr=False)
@@ -483,6 +499,65 @@ default_message_pool.register_message("aimesh.mesh.v1", "ServiceStatus", Service
 
 
 @dataclass(eq=False, repr=False)
+class SignCertificateRequest(betterproto2.Message):
+    """
+    ---------------------------------------------------------------- identity
+    """
+
+    csr_pem: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    PEM PKCS#10 CSR with exactly one URI SAN: the SPIFFE ID asked for.
+    """
+
+    join_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    A join token (`aimesh identity token`) granting that SPIFFE ID.
+    """
+
+    current_chain_pem: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    Renewal without a token: the current certificate chain (leaf first) and
+    the current key's signature (ECDSA or RSA PKCS#1 v1.5, SHA-256) over the
+    CSR's DER bytes.
+    """
+
+    csr_signature: "bytes" = betterproto2.field(4, betterproto2.TYPE_BYTES)
+
+
+default_message_pool.register_message(
+    "aimesh.mesh.v1", "SignCertificateRequest", SignCertificateRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class SignCertificateResponse(betterproto2.Message):
+    certificate_chain_pem: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    The leaf then the intermediate, PEM.
+    """
+
+    trust_bundle_pem: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    The roots to verify peers with, PEM.
+    """
+
+    expires_at: "datetime.datetime | None" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, unwrap=lambda: ___google__protobuf__.Timestamp, optional=True
+    )
+
+    spiffe_id: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+
+    issued_at: "datetime.datetime | None" = betterproto2.field(
+        5, betterproto2.TYPE_MESSAGE, unwrap=lambda: ___google__protobuf__.Timestamp, optional=True
+    )
+
+
+default_message_pool.register_message(
+    "aimesh.mesh.v1", "SignCertificateResponse", SignCertificateResponse
+)
+
+
+@dataclass(eq=False, repr=False)
 class Topology(betterproto2.Message):
     services: "list[ServiceStatus]" = betterproto2.field(
         1, betterproto2.TYPE_MESSAGE, repeated=True
@@ -520,6 +595,16 @@ class TopologyRequest(betterproto2.Message):
 
 
 default_message_pool.register_message("aimesh.mesh.v1", "TopologyRequest", TopologyRequest)
+
+
+@dataclass(eq=False, repr=False)
+class TrustBundle(betterproto2.Message):
+    trust_bundle_pem: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    trust_domain: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("aimesh.mesh.v1", "TrustBundle", TrustBundle)
 
 
 @dataclass(eq=False, repr=False)
@@ -666,6 +751,107 @@ class ConfigAsyncStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         ):
             yield response
+
+
+class IdentityStub:
+    def __init__(self, channel: grpc.Channel):
+        self._channel = channel
+
+    def sign_certificate(self, message: "SignCertificateRequest") -> "SignCertificateResponse":
+        """
+        SignCertificate signs a workload's CSR into an X.509-SVID (its SPIFFE ID
+        as the one URI SAN, plus a DNS SAN derived from it). The private key
+        never leaves the workload. The caller proves it may hold the identity the
+        CSR names with one of:
+        - a join token granting it (first contact; each token works once);
+        - its current mesh certificate: either presented as the TLS client
+          certificate on an mTLS port of the control plane, or in `current` with
+          a signature over the CSR by the current key (renewal over any channel).
+        UNAUTHENTICATED: no proof, or a bad, expired, used or tampered token or
+        certificate. PERMISSION_DENIED: the proof is good but for another
+        identity. INVALID_ARGUMENT: a malformed CSR. FAILED_PRECONDITION: this
+        control plane runs without a CA.
+        """
+
+        return self._channel.unary_unary(
+            "/aimesh.mesh.v1.Identity/SignCertificate",
+            SignCertificateRequest.SerializeToString,
+            SignCertificateResponse.FromString,
+        )(message)
+
+    def get_trust_bundle(self, message: "GetTrustBundleRequest | None" = None) -> "TrustBundle":
+        """
+        GetTrustBundle returns the roots every workload must trust now
+        (current, next while a rotation is prepared, retired ones in overlap).
+        """
+
+        if message is None:
+            message = GetTrustBundleRequest()
+
+        return self._channel.unary_unary(
+            "/aimesh.mesh.v1.Identity/GetTrustBundle",
+            GetTrustBundleRequest.SerializeToString,
+            TrustBundle.FromString,
+        )(message)
+
+
+class IdentityAsyncStub(betterproto2_grpclib.ServiceStub):
+    async def sign_certificate(
+        self,
+        message: "SignCertificateRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "SignCertificateResponse":
+        """
+        SignCertificate signs a workload's CSR into an X.509-SVID (its SPIFFE ID
+        as the one URI SAN, plus a DNS SAN derived from it). The private key
+        never leaves the workload. The caller proves it may hold the identity the
+        CSR names with one of:
+        - a join token granting it (first contact; each token works once);
+        - its current mesh certificate: either presented as the TLS client
+          certificate on an mTLS port of the control plane, or in `current` with
+          a signature over the CSR by the current key (renewal over any channel).
+        UNAUTHENTICATED: no proof, or a bad, expired, used or tampered token or
+        certificate. PERMISSION_DENIED: the proof is good but for another
+        identity. INVALID_ARGUMENT: a malformed CSR. FAILED_PRECONDITION: this
+        control plane runs without a CA.
+        """
+
+        return await self._unary_unary(
+            "/aimesh.mesh.v1.Identity/SignCertificate",
+            message,
+            SignCertificateResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def get_trust_bundle(
+        self,
+        message: "GetTrustBundleRequest | None" = None,
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "TrustBundle":
+        """
+        GetTrustBundle returns the roots every workload must trust now
+        (current, next while a rotation is prepared, retired ones in overlap).
+        """
+
+        if message is None:
+            message = GetTrustBundleRequest()
+
+        return await self._unary_unary(
+            "/aimesh.mesh.v1.Identity/GetTrustBundle",
+            message,
+            TrustBundle,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
 
 
 class RegistryStub:
