@@ -473,3 +473,153 @@ def test_identity_token_cli(tmp_path, capsys) -> None:  # type: ignore[no-untype
     assert verify_join_token(ca.token_secret, token, sid("llm")).sub == sid("llm")
     assert main(["identity", "token", "--ca-dir", str(tmp_path / "ca"), "--id", "nope"]) == 2
     assert "invalid" in capsys.readouterr().err.lower()
+
+
+# -- authorization over real mTLS ---------------------------------------------------------
+
+
+async def test_an_identity_policy_does_not_allow(mesh: Mesh, make_proxy) -> None:  # type: ignore[no-untyped-def]
+    """Callers with real mesh certificates, through a real handshake: the proxy reads the
+    SPIFFE ID from the peer certificate and decides by the YAML's rules."""
+    sim = await mesh.sim("llm")
+    doc, _ = llm_mesh([sim])
+    doc["spec"]["security"] = {  # type: ignore[index]
+        "authorization": {
+            "enabled": True,
+            "rules": [
+                {"name": "no-batch", "action": "DENY", "sources": [sid("batch")]},
+                {"name": "web-to-llm", "sources": [sid("web")], "destinations": ["llm"]},
+            ],
+        }
+    }
+    gateway = await mesh.workload("gateway")
+    proxy = await make_proxy(
+        doc, extra={"llm": [EndpointAddr(f"127.0.0.1:{sim.port}")]}, identity=gateway
+    )
+    assert proxy.mtls_mode == "STRICT"
+    target = f"127.0.0.1:{proxy.ports['listen']}"
+    method = "/aimesh.inference.v1.Inference/Generate"
+    web = await mesh.workload("web")
+    async with web.secure_channel(target, sid("gateway")) as channel:
+        assert await _generate(channel)  # allowed by its SPIFFE ID
+    batch = await mesh.workload("batch")
+    async with batch.secure_channel(target, sid("gateway")) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _generate(channel)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert info.value.details() == f"denied by rule 'no-batch': {sid('batch')} -> llm {method}"
+    other = await mesh.workload("other")
+    async with other.secure_channel(target, sid("gateway")) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _generate(channel)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    default_deny = f"no rule allows {sid('other')} to call llm {method} (default deny)"
+    assert info.value.details() == default_deny
+    assert proxy.counters.calls[(method, "PERMISSION_DENIED")] == 2
+    assert proxy.counters.calls[(method, "OK")] == 1
+
+
+# -- registration, watches and reports over the control plane's mTLS port -----------------
+
+
+async def test_sim_and_proxy_use_the_control_planes_mtls_port(make_proxy) -> None:  # type: ignore[no-untyped-def]
+    """A sim's registrar and a proxy's watcher and reporter, given the secure address,
+    talk to the control plane over mTLS only, and after their certificates rotated (and
+    the first ones expired) they reconnect with the new ones: the control plane is
+    restarted, so every connection is a new handshake."""
+    from aimesh.mesh.control.client import Registrar, Reporter
+    from aimesh.mesh.proxy.main import EMPTY, ControlPlaneSettings, follow
+
+    ca = CertificateAuthority.create(TD)
+    ca.min_leaf_lifetime = 1.0
+
+    async def control_plane(listen: str, secure: str) -> ControlPlaneServer:
+        server = ControlPlaneServer(
+            ControlPlane(EmbeddedStore(None)), identity=IdentityService(ca, lifetime=2.0)
+        )
+        await server.start(listen, secure_listen=secure)
+        return server
+
+    server = await control_plane("127.0.0.1:0", "127.0.0.1:0")
+    plain = f"127.0.0.1:{server.port}"
+    secure = f"127.0.0.1:{server.secure_port}"
+    mesh = Mesh(ca, server.identity, plain, [0.0])
+    registrar = watcher = reporter = None
+    try:
+        sim_id = await mesh.workload("llm", secure_control_plane=secure)
+        sim = await start_sim(FAST, "127.0.0.1:0", identity=sim_id, seed=1)
+        mesh.sims.append(sim)
+        registrar = Registrar(
+            plain,
+            cp_pb.Instance(
+                service="llm",
+                address=f"127.0.0.1:{sim.port}",
+                instance_id="sim-1",
+                models=["gpt-4"],
+                serving=True,
+            ),
+            ttl=2.0,
+            identity=sim_id,
+        )
+        assert registrar.replicas.secure and registrar.replicas.addresses == [secure]
+        registrar.start()
+        gateway = await mesh.workload("gateway", secure_control_plane=secure)
+        proxy = await make_proxy(EMPTY, identity=gateway)
+        watcher = follow(proxy, ControlPlaneSettings(plain, None, "gw-1"), proxy.config)
+        assert watcher.replicas.secure and watcher.replicas.addresses == [secure]
+        watcher.start()
+        reporter = Reporter(plain, "gw-1", proxy.endpoint_reports, identity=gateway)
+        client = await mesh.workload("web")
+        target = f"127.0.0.1:{proxy.ports['listen']}"
+
+        async def routed() -> None:
+            """The proxy learned the sim from the catalog and calls it (over mTLS)."""
+            for _ in range(100):
+                if proxy.catalog_version and "llm" in proxy.clusters:
+                    break
+                await asyncio.sleep(0.05)
+            async with client.secure_channel(target, sid("gateway")) as channel:
+                assert await _generate(channel)
+
+        await asyncio.wait_for(registrar.registered.wait(), 5)
+        await asyncio.wait_for(watcher.synced.wait(), 5)
+        await routed()
+        await reporter.report_once()
+        seen = server.status.topology()
+        assert any(s.name == "llm" for s in seen.services), seen
+
+        # Certificates live 2 s and renew every ~1 s: wait until the first ones expired.
+        first_expiry = max(w.svid.not_after for w in (sim_id, gateway) if w.svid)
+        await asyncio.sleep(max(0.0, first_expiry - time.time()) + 0.5)
+        assert sim_id.renewals >= 1 and gateway.renewals >= 1
+        assert registrar.replicas.rotations >= 1 and watcher.replicas.rotations >= 1
+        await reporter.report_once()  # a new channel: a handshake with the new certificate
+
+        # Restart the control plane on the same ports: every stream reconnects, and a
+        # handshake with an old (expired) certificate would be refused.
+        reconnects = watcher.reconnects
+        await server.stop(None)
+        server = await control_plane(plain, secure)
+        assert server.port == int(plain.rpartition(":")[2])
+        for _ in range(200):
+            if server.cp.catalog.snapshot.instances and watcher.connected.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert [i.instance_id for i in server.cp.catalog.snapshot.instances.values()] == ["sim-1"]
+        assert watcher.reconnects > reconnects and watcher.connected.is_set()
+        await routed()
+        await reporter.report_once()
+        assert server.cp.watchers["catalog"] >= 1 and server.cp.registrations == 1
+
+        # Plaintext to the mTLS port is refused.
+        async with grpc.aio.insecure_channel(secure) as clear:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await cp_grpc.RegistryStub(clear).List(cp_pb.ListRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for part in (reporter, watcher):
+            if part is not None:
+                await part.stop()
+        if registrar is not None:
+            await registrar.stop(deregister=False)
+        await _teardown(mesh, server)

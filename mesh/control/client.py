@@ -74,12 +74,30 @@ def targets(spec: str) -> list[str]:
 
 
 class _Replicas:
-    """Channels to the control plane's replicas; `next()` fails over to the following one."""
+    """Channels to the control plane's replicas; `next()` fails over to the following one.
 
-    def __init__(self, spec: str) -> None:
-        self.addresses = targets(spec)
+    With a mesh `identity` that knows the control plane's mTLS port
+    (`--secure-control-plane`, the control plane's `--secure-listen`), the channels are
+    mTLS: this workload's current certificate, and the handshake must prove the control
+    plane's SPIFFE ID (`identity.control_plane_id`). grpc cannot change a channel's
+    credentials, so a rotation retires the cached channels: the next call or stream gets a
+    new channel with the new certificate, and a retired channel is closed once no call or
+    stream uses it any more (a watch or keep-alive stream open at the rotation carries on
+    over its connection, as TLS does, until it ends). Without an identity, or without a
+    secure address, plaintext to `spec`, as before.
+    """
+
+    def __init__(self, spec: str, identity: Any = None) -> None:
+        self.identity = identity if identity is not None and identity.secure_control_plane else None
+        self.secure = self.identity is not None
+        self.addresses = targets(self.identity.secure_control_plane if self.identity else spec)
         self._i = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._users: dict[grpc.aio.Channel, int] = {}
+        self._retired: list[grpc.aio.Channel] = []
+        self.rotations = 0
+        if self.identity is not None:
+            self.identity.on_rotate.append(self._rotated)
 
     @property
     def address(self) -> str:
@@ -88,17 +106,57 @@ class _Replicas:
     def channel(self) -> grpc.aio.Channel:
         ch = self._channels.get(self.address)
         if ch is None:
-            ch = self._channels[self.address] = grpc.aio.insecure_channel(
-                self.address, options=CHANNEL_OPTIONS
-            )
+            if self.identity is not None:
+                ch = self.identity.secure_channel(
+                    self.address, self.identity.control_plane_id, CHANNEL_OPTIONS
+                )
+            else:
+                ch = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._channels[self.address] = ch
         return ch
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[grpc.aio.Channel]:
+        """The current channel, held for the duration of a call or a stream (a retired
+        channel is closed when its last user lets go)."""
+        ch = self.channel()
+        self._users[ch] = self._users.get(ch, 0) + 1
+        try:
+            yield ch
+        finally:
+            left = self._users.pop(ch) - 1
+            if left:
+                self._users[ch] = left
+            elif ch in self._retired:
+                self._retired.remove(ch)
+                await ch.close(None)
+
+    def _rotated(self, _svid: object) -> None:
+        self.rotations += 1
+        idle = [ch for ch in self._channels.values() if ch not in self._users]
+        self._retired += [ch for ch in self._channels.values() if ch in self._users]
+        self._channels.clear()
+        if idle:
+            # Nobody is on them: close now (no call to cancel).
+            loop = asyncio.get_running_loop()
+            for ch in idle:
+                task = loop.create_task(ch.close(None), name="close rotated channel")
+                _background.add(task)
+                task.add_done_callback(_background.discard)
 
     def next(self) -> None:
         self._i = (self._i + 1) % len(self.addresses)
 
     async def close(self) -> None:
-        await asyncio.gather(*(ch.close(None) for ch in self._channels.values()))
+        if self.identity is not None and self._rotated in self.identity.on_rotate:
+            self.identity.on_rotate.remove(self._rotated)
+        channels = [*self._channels.values(), *self._retired]
+        await asyncio.gather(*(ch.close(None) for ch in channels))
         self._channels.clear()
+        self._retired.clear()
+
+
+_background: set[asyncio.Task[None]] = set()
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
@@ -120,8 +178,11 @@ class Registrar:
         instance: pb.Instance,
         ttl: float = 5.0,
         rng: random.Random | None = None,
+        identity: Any = None,
     ) -> None:
-        self.replicas = _Replicas(control_plane)
+        # identity: the workload's WorkloadIdentity; with its --secure-control-plane,
+        # everything goes over the control plane's mTLS port.
+        self.replicas = _Replicas(control_plane, identity)
         self.instance = instance
         self.ttl = ttl
         self.rng = rng or random.Random()
@@ -149,8 +210,10 @@ class Registrar:
                 await self._task
         if deregister and self.lease_id:
             try:
-                stub = pb_grpc.RegistryStub(self.replicas.channel())
-                await stub.Deregister(pb.DeregisterRequest(lease_id=self.lease_id), timeout=2)
+                async with self.replicas.use() as ch:
+                    await pb_grpc.RegistryStub(ch).Deregister(
+                        pb.DeregisterRequest(lease_id=self.lease_id), timeout=2
+                    )
             except grpc.RpcError as exc:
                 # The lease expires on its own within its ttl; say so rather than fail.
                 log.warning(
@@ -181,10 +244,10 @@ class Registrar:
                     return
 
     async def _register(self) -> None:
-        stub = pb_grpc.RegistryStub(self.replicas.channel())
         request = pb.RegisterRequest(instance=self.instance)
         request.ttl.FromNanoseconds(int(self.ttl * 1e9))
-        response = await stub.Register(request, timeout=5)
+        async with self.replicas.use() as ch:
+            response = await pb_grpc.RegistryStub(ch).Register(request, timeout=5)
         self.lease_id = response.lease_id
         self.registered.set()
         log.info(
@@ -196,7 +259,10 @@ class Registrar:
         )
 
     async def _keep_alive(self) -> None:
-        stub = pb_grpc.RegistryStub(self.replicas.channel())
+        async with self.replicas.use() as ch:
+            await self._keep_alive_on(pb_grpc.RegistryStub(ch))
+
+    async def _keep_alive_on(self, stub: Any) -> None:
         interval = self.ttl / 3
         requests: asyncio.Queue[pb.KeepAliveRequest | None] = asyncio.Queue()
 
@@ -310,8 +376,9 @@ class MeshWatcher:
         cache: Path | None = None,
         services: Sequence[str] = (),
         rng: random.Random | None = None,
+        identity: Any = None,
     ) -> None:
-        self.replicas = _Replicas(control_plane)
+        self.replicas = _Replicas(control_plane, identity)
         self.on_catalog = on_catalog
         self.on_config = on_config
         self.cache = cache
@@ -383,15 +450,17 @@ class MeshWatcher:
         attempt = 0
         while not self._stop.is_set():
             try:
-                async for _ in stream(self.replicas.channel()):
-                    if attempt:
-                        log.info(
-                            "control plane %s reachable again; resynced to catalog v%d, config v%d",
-                            self.replicas.address,
-                            self.state.catalog_version,
-                            self.state.config_version,
-                        )
-                    attempt = 0
+                async with self.replicas.use() as ch:
+                    async for _ in stream(ch):
+                        if attempt:
+                            log.info(
+                                "control plane %s reachable again; resynced to catalog v%d, "
+                                "config v%d",
+                                self.replicas.address,
+                                self.state.catalog_version,
+                                self.state.config_version,
+                            )
+                        attempt = 0
                 raise _Broken(grpc.StatusCode.UNAVAILABLE)  # the server ended the stream
             except grpc.RpcError as exc:
                 self.connected.clear()
@@ -453,8 +522,9 @@ class Reporter:
         proxy_id: str,
         collect: Callable[[], list[pb.EndpointReport]],
         interval: float = 2.0,
+        identity: Any = None,
     ) -> None:
-        self.replicas = _Replicas(control_plane)
+        self.replicas = _Replicas(control_plane, identity)
         self.proxy_id = proxy_id
         self.collect = collect
         self.interval = interval
@@ -491,17 +561,17 @@ class Reporter:
         return out
 
     async def report_once(self) -> None:
-        stub = pb_grpc.StatusStub(self.replicas.channel())
         endpoints = self._changed(self.collect())
         try:
-            ack = await stub.Report(
-                pb.ProxyReport(
-                    proxy_id=self.proxy_id,
-                    endpoints=endpoints,
-                    uptime_seconds=time.monotonic() - self.started,
-                ),
-                timeout=2,
-            )
+            async with self.replicas.use() as ch:
+                ack = await pb_grpc.StatusStub(ch).Report(
+                    pb.ProxyReport(
+                        proxy_id=self.proxy_id,
+                        endpoints=endpoints,
+                        uptime_seconds=time.monotonic() - self.started,
+                    ),
+                    timeout=2,
+                )
         except grpc.RpcError:
             self._sent.clear()  # not delivered: send everything next time
             raise

@@ -111,7 +111,14 @@ def follow(proxy: Proxy, mesh: ControlPlaneSettings, fallback: MeshConfig) -> Me
         proxy.set_discovered(endpoints, models)
         proxy.catalog_version = state.catalog_version
 
-    return MeshWatcher(mesh.address, on_catalog=on_catalog, on_config=on_config, cache=mesh.cache)
+    # With an identity and --secure-control-plane, over the control plane's mTLS port.
+    return MeshWatcher(
+        mesh.address,
+        on_catalog=on_catalog,
+        on_config=on_config,
+        cache=mesh.cache,
+        identity=proxy.identity,
+    )
 
 
 async def run(
@@ -146,7 +153,9 @@ async def run(
         watcher = follow(proxy, mesh, config)
         watcher.load_cache()
         watcher.start()
-        reporter = Reporter(mesh.address, mesh.proxy_id, proxy.endpoint_reports)
+        reporter = Reporter(
+            mesh.address, mesh.proxy_id, proxy.endpoint_reports, identity=proxy.identity
+        )
         reporter.start()
     # Everything allocated so far (modules, descriptors, config) lives as long as the
     # process: keep it out of the garbage collector's scans, which otherwise show up as
@@ -166,7 +175,10 @@ async def run(
                 ),
                 "/mesh": lambda: json_response(
                     {
-                        "control_plane": mesh.address if mesh else None,
+                        "control_plane": (
+                            ",".join(watcher.replicas.addresses) if watcher else None
+                        ),
+                        "control_plane_mtls": watcher.replicas.secure if watcher else False,
                         "connected": watcher.connected.is_set() if watcher else False,
                         "catalog_version": proxy.catalog_version,
                         "config_version": proxy.config_version,
@@ -210,8 +222,9 @@ async def run(
         parts.append(f"admin on http://{admin.rpartition(':')[0]}:{admin_server.port}/clusters")  # type: ignore[union-attr]
     clusters = ", ".join(f"{c.name} ({len(c.upstreams)})" for c in proxy.clusters.values())
     source = Path(config_path).name if config_path else "none"
-    if mesh is not None:
-        parts.append(f"control plane {mesh.address}")
+    if watcher is not None:
+        secure = " (mTLS)" if watcher.replicas.secure else ""
+        parts.append(f"control plane {','.join(watcher.replicas.addresses)}{secure}")
     if settings.audit is not None:
         parts.append(f"audit to {settings.audit.path}")
     print("; ".join(parts) + f"; config {source}: {clusters or 'no services yet'}", flush=True)

@@ -140,9 +140,10 @@ def add_mtls_flags(p: argparse.ArgumentParser, *, proxy: bool) -> None:
     g.add_argument(
         "--secure-control-plane",
         default=None,
-        metavar="HOST:PORT",
-        help="renew the certificate over the control plane's mTLS port (--secure-listen) "
-        "instead of its plaintext one",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="the control plane's mTLS port (its --secure-listen): renewals, registration, "
+        "watches and reports go there, with this workload's certificate, instead of the "
+        "plaintext --control-plane (which still serves the first certificate)",
     )
     if proxy:
         g.add_argument(

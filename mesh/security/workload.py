@@ -225,9 +225,8 @@ class WorkloadIdentity:
         if current is not None and self._key is not None and current.not_after > self.clock():
             if self.secure_control_plane:
                 # The handshake proves the current identity: no token, no signature.
-                async with self.secure_channel(
-                    self.secure_control_plane, self.control_plane_id
-                ) as channel:
+                address = self.secure_control_plane.split(",")[0].strip()
+                async with self.secure_channel(address, self.control_plane_id) as channel:
                     response = await pb_grpc.IdentityStub(channel).SignCertificate(
                         request, timeout=timeout
                     )

@@ -163,7 +163,8 @@ async def _serve(
     registrar = None
     host = listen.rpartition(":")[0]
     if registration is not None:
-        registrar = _registrar(registration, sim, f"{host}:{sim.port}")
+        # With an identity and --secure-control-plane: over the control plane's mTLS port.
+        registrar = _registrar(registration, sim, f"{host}:{sim.port}", identity)
         registrar.start()
     stop = asyncio.Event()
     stop_on_signals(stop)
@@ -191,7 +192,9 @@ async def _serve(
     print(f"aimesh sim backend {c.instance_id}: stopped{note}", file=sys.stderr, flush=True)
 
 
-def _registrar(reg: Registration, sim: RunningSim, address: str) -> Any:
+def _registrar(
+    reg: Registration, sim: RunningSim, address: str, identity: WorkloadIdentity | None = None
+) -> Any:
     from aimesh.control.v1 import control_plane_pb2 as cp_pb
 
     from ..control.client import Registrar
@@ -210,6 +213,7 @@ def _registrar(reg: Registration, sim: RunningSim, address: str) -> Any:
             serving=True,
         ),
         ttl=reg.ttl,
+        identity=identity,
     )
     # Health changes (SimControl.SetServing, drain) reach the catalog at once.
     previous = sim.backend.on_serving_change
