@@ -678,3 +678,29 @@ async def test_the_backend_gets_the_attempt_span_as_parent(
 async def test_without_tracing_the_trace_context_passes_through() -> None:
     caller = (("traceparent", CALLER),)
     assert await _upstream_headers(None, caller) == [("traceparent", CALLER)]
+
+
+def test_the_proxy_decides_sampling_before_any_span_work() -> None:
+    """Calls that are not sampled never reach the SDK: the proxy decides (a coin for new
+    traces, the caller's flag otherwise) and only sends the decision upstream."""
+    import random
+
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from aimesh.mesh.observability.tracing import ProxyTracing
+
+    tracing = ProxyTracing(TracerProvider(), ratio=0.25, rng=random.Random(7))
+    roots = [tracing._unsampled({}) for _ in range(4000)]
+    sampled = sum(r is None for r in roots)
+    assert 900 < sampled < 1100  # 25% of 4,000, give or take
+    header = next(r for r in roots if r is not None)[0]
+    assert header[0] == "traceparent" and header[1].startswith("00-") and header[1].endswith("-00")
+    assert len(header[1]) == 55
+    tid = "4bf92f3577b34da6a3ce929d0e0e4736"
+    caller_off = {"traceparent": f"00-{tid}-00f067aa0ba902b7-00", "tracestate": "k=v"}
+    assert tracing._unsampled(caller_off) == tuple(caller_off.items())  # passed on as is
+    assert tracing._unsampled({"traceparent": f"00-{tid}-00f067aa0ba902b7-01"}) is None
+    assert tracing._unsampled({"traceparent": "garbage"}) is None  # the SDK decides
+    # Not following callers (OTEL_TRACES_SAMPLER=traceidratio): the coin decides for all.
+    own = ProxyTracing(TracerProvider(), ratio=0.0, parent_based=False, rng=random.Random(1))
+    assert own._unsampled({"traceparent": f"00-{tid}-00f067aa0ba902b7-01"}) is not None
