@@ -6,7 +6,10 @@ Sections: `baseline` (direct calls to the sim backend), `proxy` (aimesh proxy ag
 Envoy 1.40 and a direct call), `proxyless` (MeshChannel against a direct channel),
 `balance` (balancing quality on a fleet with a slow instance), `streams` (10,000
 concurrent token streams through one proxy), `control_plane` (how fast 100 watchers and
-3 proxies see a change to a catalog of 1,000 instances). With no section named, all run.
+3 proxies see a change to a catalog of 1,000 instances), `observability` (proxy CPU per call
+with metrics, tracing and the audit trail on and off), `security` (proxy CPU per call and
+latency with mTLS, authorization and API keys against plaintext, and the handshake cost of
+a new connection). With no section named, all run.
 """
 
 from __future__ import annotations
@@ -97,7 +100,16 @@ def _update(section: str, body: str) -> None:
     DOC.write_text(text)
 
 
-SECTIONS = ("baseline", "proxy", "proxyless", "balance", "streams", "control_plane")
+SECTIONS = (
+    "baseline",
+    "proxy",
+    "proxyless",
+    "balance",
+    "streams",
+    "control_plane",
+    "observability",
+    "security",
+)
 
 
 def _section(name: str, duration: float) -> str:
@@ -125,6 +137,14 @@ def _section(name: str, duration: float) -> str:
         from . import control_plane
 
         return control_plane.run()
+    if name == "observability":
+        from . import observability
+
+        return observability.run()
+    if name == "security":
+        from . import security
+
+        return security.run()
     from . import streams
 
     return str(streams.run())
