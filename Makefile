@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml setup.py
 	@echo "installing aimesh and its dev dependencies into $(VENV) ..."
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# xds-protos ships an old copy of opentelemetry/proto/ which, depending on the order pip
+	@# installs in, overwrites opentelemetry-proto's (then the OTLP exporter cannot import
+	@# InstrumentationScope): put opentelemetry-proto's own files back.
+	$(PY) -m pip install --quiet --force-reinstall --no-deps \
+		"opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	@touch $@
 
 run: $(STAMP)
