@@ -355,6 +355,14 @@ async def test_permissive_counts_plaintext_calls(mesh: Mesh, make_proxy) -> None
         assert await _generate(tls)
     assert stats(proxy)["mtls"]["plaintext_calls"] == 2
     assert stats(proxy)["mtls"]["mode"] == "PERMISSIVE"
+    # ... and in the Prometheus metrics, where migration progress is watched.
+    from prometheus_client import generate_latest
+
+    from aimesh.mesh.observability.metrics import ProxyCollector, new_registry
+
+    registry = new_registry()
+    registry.register(ProxyCollector(proxy))
+    assert "aimesh_mtls_plaintext_calls_total 2.0" in generate_latest(registry).decode()
 
 
 async def test_client_tls_off_keeps_the_gateway_listener_plaintext(mesh: Mesh, make_proxy) -> None:  # type: ignore[no-untyped-def]

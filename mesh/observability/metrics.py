@@ -516,7 +516,14 @@ class ProxyCollector(Collector):
                 ok = up.active_healthy and up.ejected_until <= now
                 healthy.add_metric([name, address], 1 if ok else 0)
         self._forget_absent(live)
-        return [in_flight, retries, exhausted, breaker, ejections, healthy, rejections]
+        # PERMISSIVE mTLS: calls that came through the plaintext listener (migration
+        # progress: this stops growing when every caller uses the mTLS port).
+        plaintext = CounterMetricFamily(
+            "aimesh_mtls_plaintext_calls_total",
+            "Calls received on the plaintext listener of a PERMISSIVE proxy.",
+        )
+        plaintext.add_metric([], getattr(self.proxy, "plaintext_calls", 0))
+        return [in_flight, retries, exhausted, breaker, ejections, healthy, rejections, plaintext]
 
     def _forget_absent(self, live: set[str]) -> None:
         if self.metrics is None:
