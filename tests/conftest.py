@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from aimesh.mesh.sim.faults import Faults
 from aimesh.mesh.sim.server import RunningSim, start_sim
 from aimesh.mesh.sim.service import SimConfig
 
-from .support import FAST, SimFactory
+from .support import FAST, SimFactory, installed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,29 +98,19 @@ async def make_proxy() -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
 # -- etcd (the control plane's multi-replica store) ---------------------------------------
 
 
+def _find_etcd() -> str | None:
+    try:
+        return str(find_etcd())
+    except RuntimeError:
+        return None
+
+
 def _etcd_missing() -> str | None:
     """None when etcd is there (installed by scripts/install-etcd.sh if need be)."""
-    try:
-        find_etcd()
+    found, output = installed(_find_etcd, "install-etcd.sh")
+    if found:
         return None
-    except RuntimeError:
-        pass
-    try:
-        proc = subprocess.run(
-            [str(ROOT / "scripts" / "install-etcd.sh")],
-            stdin=subprocess.DEVNULL,  # so sudo, if needed, fails instead of prompting
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        output = proc.stdout + proc.stderr
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        output = str(exc)
-    try:
-        find_etcd()
-        return None
-    except RuntimeError:
-        return f"etcd is not installed and scripts/install-etcd.sh could not install it: {output}"
+    return f"etcd is not installed and scripts/install-etcd.sh could not install it: {output}"
 
 
 @pytest.fixture(scope="session")

@@ -77,3 +77,26 @@ def llm_mesh(
     if retry is not None:
         policies = [{"name": "all", "routes": [{"destination": "llm"}], "retry": retry}]
     return mesh_doc([service], policies), {"llm": [endpoint(s) for s in sims]}
+
+
+def installed(find: Callable[[], str | None], script: str) -> tuple[str | None, str]:
+    """A tool the tests need, found or installed by `scripts/<script>`: (its path or None,
+    what the install script said, for the skip reason when it could not)."""
+    import subprocess
+    from pathlib import Path
+
+    found = find()
+    if found:
+        return found, ""
+    try:
+        proc = subprocess.run(
+            [str(Path(__file__).resolve().parent.parent / "scripts" / script)],
+            stdin=subprocess.DEVNULL,  # so sudo, if needed, fails instead of prompting
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        output = proc.stdout + proc.stderr
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        output = str(exc)
+    return find(), output.strip()

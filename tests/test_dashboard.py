@@ -24,7 +24,7 @@ from aimesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from aimesh.mesh import procs
 from aimesh.mesh.control.dashboard import page
 
-from .support import prompt
+from .support import installed, prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,21 +42,7 @@ def _find_chromium() -> str | None:
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Chromium's path; installed by scripts/install-chromium.sh if need be, else skip."""
-    found = _find_chromium()
-    if found:
-        return found
-    try:
-        proc = subprocess.run(
-            [str(ROOT / "scripts" / "install-chromium.sh")],
-            stdin=subprocess.DEVNULL,  # so sudo, if needed, fails instead of prompting
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        output = proc.stdout + proc.stderr
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        output = str(exc)
-    found = _find_chromium()
+    found, output = installed(_find_chromium, "install-chromium.sh")
     if not found:
         pytest.skip(
             "headless Chromium is needed for the dashboard test, and "

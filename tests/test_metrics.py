@@ -45,7 +45,7 @@ from aimesh.mesh.proxy.cluster import EndpointAddr
 from aimesh.mesh.proxy.server import Proxy, ProxySettings
 from aimesh.mesh.sim.faults import Faults
 
-from .support import SimFactory, endpoint, llm_mesh, prompt
+from .support import SimFactory, endpoint, installed, llm_mesh, prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATE = "/aimesh.inference.v1.Inference/Generate"
@@ -359,21 +359,7 @@ def _find_prometheus() -> str | None:
 
 @pytest.fixture(scope="module")
 def prometheus_binary() -> str:
-    found = _find_prometheus()
-    if found:
-        return found
-    try:
-        proc = subprocess.run(
-            [str(ROOT / "scripts" / "install-prometheus.sh")],
-            stdin=subprocess.DEVNULL,  # so sudo, if needed, fails instead of prompting
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        output = proc.stdout + proc.stderr
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        output = str(exc)
-    found = _find_prometheus()
+    found, output = installed(_find_prometheus, "install-prometheus.sh")
     if not found:
         pytest.skip(
             "prometheus is not installed and scripts/install-prometheus.sh could not "
