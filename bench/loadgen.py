@@ -61,6 +61,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def cpu_of(pids: list[int]) -> float:
+    """CPU seconds (user + system, all threads) of several processes together."""
+    return sum(cpu_seconds(p) for p in pids)
+
+
+@dataclass
+class CpuSample:
+    """One load against one proxy: its result and the proxy's CPU seconds over it."""
+
+    result: Result
+    cpu: float
+
+    @property
+    def per_call_us(self) -> float:
+        return 1e6 * self.cpu / max(self.result.calls, 1)
+
+
 class _AsIs:
     def __init__(self, channel: Any) -> None:
         self.channel = channel

@@ -93,16 +93,7 @@ SETUPS = (
 JUDGED = "c"
 
 
-@dataclass
-class Sample:
-    """One configuration's one load in one round."""
-
-    result: loadgen.Result
-    cpu: float  # proxy CPU seconds over the load
-
-    @property
-    def per_call_us(self) -> float:
-        return 1e6 * self.cpu / max(self.result.calls, 1)
+Sample = loadgen.CpuSample  # one configuration's one load in one round
 
 
 @dataclass
@@ -269,10 +260,6 @@ async def _load(kind: str, target: str, duration: float) -> loadgen.Result:
     )
 
 
-def _cpu(pids: list[int]) -> float:
-    return sum(loadgen.cpu_seconds(p) for p in pids)
-
-
 async def _run(duration: float, rounds: int) -> Results:
     t_start = time.monotonic()
     fast = ("--ttft", "0", "--tps", "0", "--slots", "256", "--max-queue", "1024")
@@ -297,11 +284,11 @@ async def _run(duration: float, rounds: int) -> Results:
                             warm = await _load(kind, proxy.address, WARMUP)
                             out.calls += warm.calls + warm.errors + 1  # + loadgen's first call
                             pids = [proxy.pid, *ours]
-                            cpu0, others0 = loadgen.cpu_seconds(proxy.pid), _cpu(pids)
+                            cpu0, others0 = loadgen.cpu_seconds(proxy.pid), loadgen.cpu_of(pids)
                             self0, busy0, m0 = self_cpu(), machine_busy(), time.monotonic()
                             result = await _load(kind, proxy.address, duration)
                             cpu = loadgen.cpu_seconds(proxy.pid) - cpu0
-                            mine = _cpu(pids) - others0 + self_cpu() - self0
+                            mine = loadgen.cpu_of(pids) - others0 + self_cpu() - self0
                             res.other_cpu += max(0.0, machine_busy() - busy0 - mine)
                             res.measured_seconds += time.monotonic() - m0
                             out.calls += result.calls + result.errors + 1

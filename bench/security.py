@@ -118,14 +118,7 @@ SETUPS = (
 )
 
 
-@dataclass
-class Sample:
-    result: loadgen.Result
-    cpu: float  # proxy CPU seconds over the load
-
-    @property
-    def per_call_us(self) -> float:
-        return 1e6 * self.cpu / max(self.result.calls, 1)
+Sample = loadgen.CpuSample  # one configuration's one load in one round
 
 
 @dataclass
@@ -391,10 +384,6 @@ async def _handshakes(env: _Env, setup: Setup, proxy: procs.Proc, n: int) -> Han
     )
 
 
-def _cpu(pids: list[int]) -> float:
-    return sum(loadgen.cpu_seconds(p) for p in pids)
-
-
 async def _run(duration: float, rounds: int, connections: int) -> Results:
     t_start = time.monotonic()
     tmp = tempfile.TemporaryDirectory(prefix="aimesh-bench-sec-")
@@ -416,11 +405,11 @@ async def _run(duration: float, rounds: int, connections: int) -> Results:
                     async with env.channel(setup, proxy.address) as ch:
                         await _unary(ch, WARMUP, md)
                         pids = [proxy.pid, *env.pids()]
-                        cpu0, others0 = loadgen.cpu_seconds(proxy.pid), _cpu(pids)
+                        cpu0, others0 = loadgen.cpu_seconds(proxy.pid), loadgen.cpu_of(pids)
                         self0, busy0, m0 = self_cpu(), machine_busy(), time.monotonic()
                         result = await _unary(ch, duration, md)
                         cpu = loadgen.cpu_seconds(proxy.pid) - cpu0
-                        mine = _cpu(pids) - others0 + self_cpu() - self0
+                        mine = loadgen.cpu_of(pids) - others0 + self_cpu() - self0
                         res.other_cpu += max(0.0, machine_busy() - busy0 - mine)
                         res.measured_seconds += time.monotonic() - m0
                     sample = Sample(result, cpu)

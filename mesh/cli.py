@@ -14,6 +14,7 @@ import grpc
 import grpc.aio
 
 from . import runtime
+from .control.client import add_registration_flags
 from .errors import status_code_from_name, status_code_from_number
 from .observability.tracing import add_tracing_flags, flags_from_args
 from .units import parse_duration
@@ -117,20 +118,7 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="with --die-after-tokens: crash the whole process instead",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for fault decisions")
-    reg = p.add_argument_group("registration with the control plane")
-    reg.add_argument(
-        "--control-plane",
-        default=None,
-        metavar="ADDR",
-        help="register there (HOST:PORT[,HOST:PORT]) and deregister on SIGTERM",
-    )
-    reg.add_argument(
-        "--service", default="", help="mesh service to register as (default: the first model)"
-    )
-    reg.add_argument("--zone", default="", help="zone or region label")
-    reg.add_argument("--version", dest="build_version", default="", help="version label, e.g. v2")
-    reg.add_argument("--weight", type=int, default=1, help="relative share of traffic (default 1)")
-    reg.add_argument("--ttl", type=_duration, default=5.0, help="lease ttl (default 5s)")
+    add_registration_flags(p, _duration)
     from .security.cli import add_mtls_flags
 
     add_mtls_flags(p, proxy=False)

@@ -15,6 +15,7 @@ plain functions and data.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -58,6 +59,26 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # The full catalog of a large mesh is one message.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
+
+
+def add_registration_flags(
+    parser: argparse.ArgumentParser, duration: Callable[[str], float]
+) -> None:
+    """The flags of every backend that registers itself (sim, provider adapters)."""
+    reg = parser.add_argument_group("registration with the control plane")
+    reg.add_argument(
+        "--control-plane",
+        default=None,
+        metavar="ADDR",
+        help="register there (HOST:PORT[,HOST:PORT]) and deregister on SIGTERM",
+    )
+    reg.add_argument(
+        "--service", default="", help="mesh service to register as (default: the first model)"
+    )
+    reg.add_argument("--zone", default="", help="zone or region label")
+    reg.add_argument("--version", dest="build_version", default="", help="version label, e.g. v2")
+    reg.add_argument("--weight", type=int, default=1, help="relative share of traffic (default 1)")
+    reg.add_argument("--ttl", type=duration, default=5.0, help="lease ttl (default 5s)")
 
 
 def resolve_target(explicit: str | None, env: Mapping[str, str] = os.environ) -> str:

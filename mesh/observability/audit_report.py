@@ -373,17 +373,8 @@ def _human(seconds: float | None) -> str:
 # -- the command -------------------------------------------------------------------------
 
 
-def add_parsers(sub: Any) -> None:
-    """`aimesh audit report` (sub: the top-level subparsers)."""
-    audit = sub.add_parser("audit", help="work with the proxy's audit trail")
-    audit_sub = audit.add_subparsers(dest="audit_cmd", metavar="ACTION", required=True)
-    report = audit_sub.add_parser(
-        "report",
-        help="sum up calls, errors, tokens, cost and latency by tenant, model and service",
-        description="Summarise audit files (rotated ones too): calls, errors and their "
-        "rate, tokens in and out, cost (total and per call), p50/p95 latency, grouped as "
-        "--by says.",
-    )
+def add_source_flags(report: argparse.ArgumentParser) -> None:
+    """--file and --since: which audit records a report reads (audit and experiments)."""
     report.add_argument(
         "--file",
         action="append",
@@ -395,6 +386,20 @@ def add_parsers(sub: Any) -> None:
     report.add_argument(
         "--since", default=None, metavar="DURATION", help="only calls this recent: 15m, 1h, 7d"
     )
+
+
+def add_parsers(sub: Any) -> None:
+    """`aimesh audit report` (sub: the top-level subparsers)."""
+    audit = sub.add_parser("audit", help="work with the proxy's audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_cmd", metavar="ACTION", required=True)
+    report = audit_sub.add_parser(
+        "report",
+        help="sum up calls, errors, tokens, cost and latency by tenant, model and service",
+        description="Summarise audit files (rotated ones too): calls, errors and their "
+        "rate, tokens in and out, cost (total and per call), p50/p95 latency, grouped as "
+        "--by says.",
+    )
+    add_source_flags(report)
     report.add_argument(
         "--by",
         default=",".join(DEFAULT_BY),

@@ -39,6 +39,7 @@ from .audit_report import (
     EXIT_USAGE,
     NONE,
     Skipped,
+    add_source_flags,
     expand,
     number,
     parse_since,
@@ -598,17 +599,7 @@ def add_parsers(sub: Any) -> None:
     report.add_argument(
         "name", metavar="NAME", help="the experiment, as its traffic policy names it"
     )
-    report.add_argument(
-        "--file",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="an audit file (repeat for more; PATH.1, PATH.2 ... are read too; "
-        "default $AIMESH_AUDIT_LOG)",
-    )
-    report.add_argument(
-        "--since", default=None, metavar="DURATION", help="only calls this recent: 15m, 1h, 7d"
-    )
+    add_source_flags(report)
     report.add_argument(
         "--control",
         default=None,

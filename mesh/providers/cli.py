@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..control.client import add_registration_flags
 from ..units import parse_duration
 
 KINDS = ("openai", "anthropic")
@@ -90,20 +91,7 @@ def _add_common(p: argparse.ArgumentParser, kind: str) -> None:
         default=10.0,
         help="on SIGTERM, time for in-flight calls to finish (default 10s)",
     )
-    reg = p.add_argument_group("registration with the control plane")
-    reg.add_argument(
-        "--control-plane",
-        default=None,
-        metavar="ADDR",
-        help="register there (HOST:PORT[,HOST:PORT]) and deregister on SIGTERM",
-    )
-    reg.add_argument(
-        "--service", default="", help="mesh service to register as (default: the first model)"
-    )
-    reg.add_argument("--zone", default="", help="zone or region label")
-    reg.add_argument("--version", dest="build_version", default="", help="version label, e.g. v2")
-    reg.add_argument("--weight", type=int, default=1, help="relative share of traffic (default 1)")
-    reg.add_argument("--ttl", type=_duration, default=5.0, help="lease ttl (default 5s)")
+    add_registration_flags(p, _duration)
 
 
 def add_parsers(backend_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
