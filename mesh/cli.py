@@ -166,28 +166,13 @@ def _cmd_backend_sim(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     registration = None
     if args.control_plane:
-        from .config import is_dns_label
         from .sim.server import Registration
 
-        service = args.service or args.models[0].lower().replace(".", "-").replace("_", "-")
-        if not is_dns_label(service):
-            print(
-                f"aimesh backend sim: --service {service!r} is not a DNS label (lowercase "
-                "letters, digits and '-'); pass --service NAME",
-                file=sys.stderr,
-            )
+        try:
+            registration = Registration.from_args(args, args.models[0])
+        except ValueError as exc:
+            print(f"aimesh backend sim: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        if args.weight < 1:
-            print("aimesh backend sim: --weight must be at least 1", file=sys.stderr)
-            return EXIT_USAGE
-        registration = Registration(
-            control_plane=args.control_plane,
-            service=service,
-            zone=args.zone,
-            version=args.build_version,
-            weight=args.weight,
-            ttl=args.ttl,
-        )
     runtime.run(
         serve(
             config,

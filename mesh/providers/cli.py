@@ -220,29 +220,14 @@ def run(args: argparse.Namespace) -> int:
     )
     registration = None
     if args.control_plane:
-        from ..config import is_dns_label
-
         served = config.served()
         if not args.service and not served:
             return _fail(kind, "--control-plane needs --service NAME (or a --model-map/--model)")
         first = (args.model_map[0].partition("=")[0] if args.model_map else served[0]).strip()
-        service = args.service or first.lower().replace(".", "-").replace("_", "-")
-        if not is_dns_label(service):
-            return _fail(
-                kind,
-                f"--service {service!r} is not a DNS label (lowercase letters, digits and '-'); "
-                "pass --service NAME",
-            )
-        if args.weight < 1:
-            return _fail(kind, "--weight must be at least 1")
-        registration = Registration(
-            control_plane=args.control_plane,
-            service=service,
-            zone=args.zone,
-            version=args.build_version,
-            weight=args.weight,
-            ttl=args.ttl,
-        )
+        try:
+            registration = Registration.from_args(args, first)
+        except ValueError as exc:
+            return _fail(kind, str(exc))
     runtime.run(
         serve(
             provider,

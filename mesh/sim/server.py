@@ -46,6 +46,29 @@ class Registration:
     weight: int = 1
     ttl: float = 5.0
 
+    @classmethod
+    def from_args(cls, args: Any, first_model: str) -> Registration:
+        """From the registration flags (`add_registration_flags`); the service defaults
+        to the first model's name as a DNS label. ValueError says what to pass instead."""
+        from ..config import is_dns_label
+
+        service = args.service or first_model.lower().replace(".", "-").replace("_", "-")
+        if not is_dns_label(service):
+            raise ValueError(
+                f"--service {service!r} is not a DNS label (lowercase letters, digits and "
+                "'-'); pass --service NAME"
+            )
+        if args.weight < 1:
+            raise ValueError("--weight must be at least 1")
+        return cls(
+            control_plane=args.control_plane,
+            service=service,
+            zone=args.zone,
+            version=args.build_version,
+            weight=args.weight,
+            ttl=args.ttl,
+        )
+
 
 @dataclass
 class RunningSim:
