@@ -194,8 +194,9 @@ class Envoy:
 
     def __init__(
         self,
-        backends: Sequence[str],
+        backends: Sequence[str] = (),
         *,
+        config: dict[str, Any] | None = None,  # a whole bootstrap instead (xDS, say)
         lb_policy: str = "ROUND_ROBIN",
         concurrency: int = 1,
         listen_port: int = 0,
@@ -204,7 +205,9 @@ class Envoy:
         startup_timeout: float = 30.0,
         extra_args: Sequence[str] = (),
     ) -> None:
-        self.config = grpc_proxy_config(listen_port, admin_port, backends, lb_policy=lb_policy)
+        self.config = config or grpc_proxy_config(
+            listen_port, admin_port, backends, lb_policy=lb_policy
+        )
         self.concurrency = concurrency
         self.log_level = log_level
         self.startup_timeout = startup_timeout

@@ -114,8 +114,10 @@ class Topology:
         self._against: dict[Key, int] = {}
         self._uptime: dict[str, _Uptime] = {}
 
-    def report(self, report: pb.ProxyReport) -> None:
+    def report(self, report: pb.ProxyReport) -> bool:
+        """Takes a proxy's report; True when it changed a health vote."""
         now = self._clock()
+        voted = False
         proxy = report.proxy_id
         self._proxies[proxy] = now
         keys = self._keys.setdefault(proxy, set())
@@ -128,6 +130,7 @@ class Topology:
                 series = per[proxy] = _Series()
                 keys.add(key)
                 self._voters[key] = self._voters.get(key, 0) + 1
+                voted = True
             elif series.healthy == ep.healthy:
                 series.add((now, ep.requests, ep.errors, ep.latency_seconds_total), window)
                 continue
@@ -136,6 +139,8 @@ class Topology:
             series.healthy = ep.healthy
             self._against[key] = self._against.get(key, 0) + (not ep.healthy)
             series.add((now, ep.requests, ep.errors, ep.latency_seconds_total), window)
+            voted = True
+        return voted
 
     def reporting(self) -> int:
         """Proxies that have reported within PROXY_STALE."""

@@ -1,0 +1,333 @@
+"""The Aggregated Discovery Service (xDS v3, state of the world) over the live mesh.
+
+    ControlPlane.state_signal ──▶ Xds.refresh(): one resource set per flavor, checked,
+                                  versioned by content ──▶ every stream of that flavor
+
+Per stream and resource type the protocol is (envoyproxy.io "xDS REST and gRPC protocol"):
+a request carrying the nonce of our last response ACKs it (version_info = that version) or
+NACKs it (error_detail set; version_info = the last good one, which the client keeps
+using); a request with an older nonce is stale and ignored; a request that changes the
+subscribed names is answered. Besides, a stream's first request of each type is always
+answered, and so is Envoy's EDS request after every CDS response: Envoy re-creates the
+clusters that changed and keeps them warming until it gets their endpoints, even when
+those did not change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2
+
+from .resources import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    SHORT,
+    TYPES,
+    Builder,
+    Flavor,
+    Resources,
+    build,
+    check,
+    version_of,
+)
+
+if TYPE_CHECKING:
+    from ..server import ControlPlane
+
+log = logging.getLogger("aimesh.xds")
+
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+LISTEN_METADATA = "aimesh.listen"  # node metadata: where Envoy's gateway listener binds
+DEFAULT_ENVOY_LISTEN = "127.0.0.1:15001"
+# Make before break: clusters and their endpoints before the routes that use them.
+PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+_CHANGED = None  # queued to a stream when its flavor's resources were republished
+
+
+def flavor_of(node: base_pb2.Node) -> Flavor:
+    if node.user_agent_name == "envoy":
+        field_ = node.metadata.fields.get(LISTEN_METADATA)
+        listen = field_.string_value if field_ is not None else ""
+        return Flavor("envoy", listen or DEFAULT_ENVOY_LISTEN)
+    return Flavor("grpc")
+
+
+@dataclass(slots=True)
+class Published:
+    resources: Resources
+    versions: dict[str, str]
+    at: float  # time.monotonic() when published
+
+
+@dataclass(slots=True)
+class Subscription:
+    """One resource type on one stream."""
+
+    names: frozenset[str] = frozenset()
+    wildcard: bool = False
+    sent_version: str = ""
+    sent_names: frozenset[str] | None = None
+    nonce: str = ""
+    acked: str = ""  # the version the client last ACKed
+    nack: str = ""  # the client's message on its last NACK ("" after an ACK)
+    answer_next: bool = True  # the first request, and Envoy's EDS after a CDS push
+
+
+@dataclass(slots=True, eq=False)  # kept in a set, by identity
+class Stream:
+    node_id: str
+    flavor: Flavor
+    peer: str
+    queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = field(
+        default_factory=asyncio.Queue
+    )
+    subs: dict[str, Subscription] = field(default_factory=dict)
+    nonces: int = 0
+    pending_change: bool = False
+
+
+class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self.builder = Builder()
+        self.published: dict[str, Published] = {}  # flavor key -> what streams are sent
+        self.flavors: dict[str, Flavor] = {}
+        self.streams: set[Stream] = set()
+        self.pushes = 0  # responses sent
+        self.nacks = 0
+        self.rejected = 0  # resource sets that failed the consistency check
+        self._task: asyncio.Task[None] | None = None
+
+    # -- publishing ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _follow(self) -> None:
+        # Refresh, then wait for the next change: changes that land while a refresh runs
+        # are taken together by the next one, so a burst costs few rebuilds.
+        while True:
+            event = self.cp.state_signal.current
+            self.refresh()
+            await event.wait()
+
+    def refresh(self) -> None:
+        """Rebuilds every flavor in use and wakes the streams whose resources changed."""
+        if not self.flavors:
+            return
+        snapshot, mesh = self.cp.catalog.snapshot, self.cp.mesh
+        endpoints = self.builder.endpoints(snapshot, mesh, self.cp.topology.healthy)
+        changed = set()
+        for key, flavor in self.flavors.items():
+            resources = build(flavor, snapshot, mesh, endpoints)
+            problems = check(resources)
+            old = self.published.get(key)
+            if problems and old is not None:
+                # A consumer handed a route to a missing cluster fails those calls:
+                # keep serving the last consistent set.
+                self.rejected += 1
+                log.error("xDS %s resources not published: %s", key, "; ".join(problems))
+                continue
+            versions = {t: version_of(resources[t]) for t in TYPES}
+            if old is not None and old.versions == versions:
+                continue
+            self.published[key] = Published(resources, versions, time.monotonic())
+            changed.add(key)
+        for stream in self.streams:
+            if stream.flavor.key in changed and not stream.pending_change:
+                stream.pending_change = True
+                stream.queue.put_nowait(_CHANGED)
+
+    def _use(self, flavor: Flavor) -> Published:
+        if flavor.key not in self.flavors:
+            self.flavors[flavor.key] = flavor
+            self.refresh()
+        return self.published[flavor.key]
+
+    def _release(self, flavor: Flavor) -> None:
+        if not any(s.flavor.key == flavor.key for s in self.streams):
+            self.flavors.pop(flavor.key, None)
+            self.published.pop(flavor.key, None)
+
+    # -- the stream ---------------------------------------------------------------------
+
+    async def StreamAggregatedResources(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        if not first.node.id:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the first DiscoveryRequest must carry node.id: set node.id in the bootstrap "
+                "(aimesh xds bootstrap --node ID writes one)",
+            )
+        stream = Stream(first.node.id, flavor_of(first.node), context.peer())
+        stream.queue.put_nowait(first)
+        self.streams.add(stream)
+        self._use(stream.flavor)
+        log.info("xDS stream from %s (%s, %s)", stream.node_id, stream.flavor.key, stream.peer)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    stream.queue.put_nowait(request)
+            finally:
+                stream.queue.put_nowait(_CHANGED)  # wakes the loop; it sees the reader done
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while True:
+                item = await stream.queue.get()
+                if item is _CHANGED:
+                    if reader.done():
+                        return
+                    stream.pending_change = False
+                    for response in self._on_change(stream):
+                        yield response
+                    continue
+                assert item is not None
+                response = self._on_request(stream, item)
+                if response is not None:
+                    yield response
+        finally:
+            reader.cancel()
+            self.streams.discard(stream)
+            self._release(stream.flavor)
+            log.info("xDS stream from %s closed", stream.node_id)
+
+    def _on_request(
+        self, stream: Stream, request: discovery_pb2.DiscoveryRequest
+    ) -> discovery_pb2.DiscoveryResponse | None:
+        type_url = request.type_url
+        if type_url not in TYPES:
+            log.debug("xDS %s asked for unserved type %s", stream.node_id, type_url)
+            return None
+        sub = stream.subs.get(type_url)
+        if sub is None:
+            sub = stream.subs[type_url] = Subscription()
+        elif request.response_nonce and request.response_nonce != sub.nonce:
+            return None  # an answer to a response that has since been superseded
+        names = frozenset(request.resource_names)
+        # Legacy wildcard: Listener and Cluster requests that name nothing want all.
+        sub.wildcard = "*" in names or (
+            type_url in (LISTENER, CLUSTER) and not names and (sub.wildcard or sub.answer_next)
+        )
+        sub.names = names - {"*"}
+        if request.response_nonce:
+            if request.HasField("error_detail"):
+                self.nacks += 1
+                sub.nack = request.error_detail.message
+                log.warning(
+                    "xDS %s rejected %s version %s (keeps %s): %s",
+                    stream.node_id,
+                    SHORT[type_url],
+                    sub.sent_version,
+                    request.version_info or "nothing",
+                    sub.nack,
+                )
+            else:
+                sub.acked, sub.nack = request.version_info, ""
+        published = self.published[stream.flavor.key]
+        if not (
+            sub.answer_next
+            or sub.sent_names != self._names(sub, published)
+            or (not sub.nack and request.version_info != published.versions[type_url])
+        ):
+            return None
+        return self._respond(stream, type_url, sub, published)
+
+    def _on_change(self, stream: Stream) -> list[discovery_pb2.DiscoveryResponse]:
+        published = self.published.get(stream.flavor.key)
+        if published is None:
+            return []
+        out = []
+        for type_url in PUSH_ORDER:
+            sub = stream.subs.get(type_url)
+            if sub is None or sub.sent_version == published.versions[type_url]:
+                continue
+            if not sub.wildcard and not sub.names:
+                continue
+            out.append(self._respond(stream, type_url, sub, published))
+        return out
+
+    def _names(self, sub: Subscription, published: Published) -> frozenset[str]:
+        have = published.resources
+        return frozenset(have) if sub.wildcard else sub.names
+
+    def _respond(
+        self, stream: Stream, type_url: str, sub: Subscription, published: Published
+    ) -> discovery_pb2.DiscoveryResponse:
+        have = published.resources[type_url]
+        names = frozenset(have) if sub.wildcard else sub.names
+        resources: list[any_pb2.Any] = [have[n] for n in sorted(names) if n in have]
+        stream.nonces += 1
+        sub.nonce = str(stream.nonces)
+        sub.sent_version = published.versions[type_url]
+        sub.sent_names = frozenset(have) if sub.wildcard else sub.names
+        sub.answer_next = False
+        if type_url == CLUSTER and stream.flavor.kind == "envoy":
+            eds = stream.subs.get(ENDPOINT)
+            if eds is not None:
+                eds.answer_next = True
+        self.pushes += 1
+        return discovery_pb2.DiscoveryResponse(
+            version_info=sub.sent_version,
+            resources=resources,
+            type_url=type_url,
+            nonce=sub.nonce,
+            control_plane=base_pb2.ControlPlane(identifier="aimesh"),
+        )
+
+    # -- for /xds on the admin port -----------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "flavors": {
+                key: {
+                    SHORT[t]: {"version": p.versions[t], "resources": len(p.resources[t])}
+                    for t in TYPES
+                }
+                for key, p in self.published.items()
+            },
+            "streams": [
+                {
+                    "node": s.node_id,
+                    "flavor": s.flavor.key,
+                    "peer": s.peer,
+                    "types": {
+                        SHORT[t]: {
+                            "subscribed": "*" if sub.wildcard else sorted(sub.names),
+                            "sent": sub.sent_version,
+                            "acked": sub.acked,
+                            **({"nack": sub.nack} if sub.nack else {}),
+                        }
+                        for t, sub in s.subs.items()
+                    },
+                }
+                for s in sorted(self.streams, key=lambda s: s.node_id)
+            ],
+            "pushes": self.pushes,
+            "nacks": self.nacks,
+            "rejected": self.rejected,
+        }
