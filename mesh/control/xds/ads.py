@@ -251,7 +251,7 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
         published = self.published[stream.flavor.key]
         if not (
             sub.answer_next
-            or sub.sent_names != self._names(sub, published)
+            or sub.sent_names != self._names(sub, published.resources[type_url])
             or (not sub.nack and request.version_info != published.versions[type_url])
         ):
             return None
@@ -271,20 +271,21 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
             out.append(self._respond(stream, type_url, sub, published))
         return out
 
-    def _names(self, sub: Subscription, published: Published) -> frozenset[str]:
-        have = published.resources
+    @staticmethod
+    def _names(sub: Subscription, have: dict[str, Any]) -> frozenset[str]:
+        """What a response to `sub` holds: all of `have` for a wildcard, else the names."""
         return frozenset(have) if sub.wildcard else sub.names
 
     def _respond(
         self, stream: Stream, type_url: str, sub: Subscription, published: Published
     ) -> discovery_pb2.DiscoveryResponse:
         have = published.resources[type_url]
-        names = frozenset(have) if sub.wildcard else sub.names
+        names = self._names(sub, have)
         resources: list[any_pb2.Any] = [have[n] for n in sorted(names) if n in have]
         stream.nonces += 1
         sub.nonce = str(stream.nonces)
         sub.sent_version = published.versions[type_url]
-        sub.sent_names = frozenset(have) if sub.wildcard else sub.names
+        sub.sent_names = names
         sub.answer_next = False
         if type_url == CLUSTER and stream.flavor.kind == "envoy":
             eds = stream.subs.get(ENDPOINT)
