@@ -140,10 +140,14 @@ class SimBackend:
         if not self.inflight:
             self._idle.set()
 
-    def load_report(self) -> LoadReport:
+    def load_report(self, finishing: bool = False) -> LoadReport:
+        """`finishing`: the report closes a call that held a slot until just now. Its
+        utilization counts that slot, as it was busy for the whole call: otherwise a lone
+        call always reports 0, and ORCA-weighted balancers (gRPC and Envoy skip reports of
+        zero utilization) never learn this backend's weight."""
         slots = self.config.slots
         return LoadReport(
-            application_utilization=self.pool.active / slots,
+            application_utilization=min(1.0, (self.pool.active + finishing) / slots),
             rps=self.stats.rps(self.clock()),
             named={
                 QUEUE_DEPTH: float(self.pool.queued),
@@ -152,8 +156,8 @@ class SimBackend:
             },
         )
 
-    def trailers(self) -> tuple[tuple[str, str | bytes], ...]:
-        report = self.load_report().encode()
+    def trailers(self, finishing: bool = False) -> tuple[tuple[str, str | bytes], ...]:
+        report = self.load_report(finishing).encode()
         return ((INSTANCE_TRAILER, self.instance_id), *((k, report) for k in LOAD_TRAILERS))
 
 
@@ -363,7 +367,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             if traced:  # this instance's tokens (a resumed stream's are its remainder)
                 prompt_tokens = usage.prompt_tokens if usage is not None else 0
                 annotate_current_span(GENERATE_STREAM, request.model, prompt_tokens, sent)
-        context.set_trailing_metadata(b.trailers())
+        context.set_trailing_metadata(b.trailers(finishing=True))
 
     async def Generate(  # noqa: N802
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -386,7 +390,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         if b.traced:
             u = last.usage
             annotate_current_span(GENERATE, request.model, u.prompt_tokens, u.completion_tokens)
-        context.set_trailing_metadata(b.trailers())
+        context.set_trailing_metadata(b.trailers(finishing=True))
         return pb.GenerateResponse(
             text="".join(parts),
             finish_reason=last.finish_reason,

@@ -25,9 +25,12 @@ _TYPE = "type.googleapis.com/envoy.extensions."
 
 
 def _node(node_id: str, cluster: str, zone: str, metadata: dict[str, str]) -> dict[str, Any]:
-    node: dict[str, Any] = {"id": node_id, "cluster": cluster or node_id}
-    if zone:
-        node["locality"] = {"zone": zone}
+    # grpc-js rejects a bootstrap whose node has no locality, even an empty one.
+    node: dict[str, Any] = {
+        "id": node_id,
+        "cluster": cluster or node_id,
+        "locality": {"zone": zone} if zone else {},
+    }
     if metadata:
         node["metadata"] = metadata
     return node
