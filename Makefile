@@ -31,6 +31,7 @@ test: $(STAMP)
 	@scripts/install-etcd.sh
 	@scripts/install-prometheus.sh
 	@scripts/install-chromium.sh  # the control plane's web page is tested in headless Chromium
+	@scripts/install-node-clients.sh  # grpc-js (+ xDS plugin) clients in tests/node
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Regenerates gen/ (grpcio + .pyi) and clients/betterproto (betterproto2) from protos/.
