@@ -28,6 +28,9 @@ from aimesh.inference.v1 import inference_pb2_grpc as pb_grpc
 Prompt: TypeAlias = str | Sequence[pb.Message] | Sequence[tuple[str, str]]
 Metadata: TypeAlias = Sequence[tuple[str, str | bytes]]
 INSTANCE_TRAILER = "aimesh-instance"
+# Sent with every call that names a model: Envoy and proxyless gRPC clients route on
+# headers, not on the request body, so the mesh's model routes over xDS match this.
+MODEL_HEADER = "x-aimesh-model"
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -109,8 +112,9 @@ class _ClientBase:
             model=model or self.model, inputs=list(inputs), dimensions=dimensions
         )
 
-    def _call_options(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": timeout or self.timeout, "metadata": self.metadata}
+    def _call_options(self, timeout: float | None, model: str = "") -> dict[str, Any]:
+        metadata = (*self.metadata, (MODEL_HEADER, model)) if model else self.metadata
+        return {"timeout": timeout or self.timeout, "metadata": metadata}
 
 
 class InferenceClient(_ClientBase):
@@ -125,7 +129,9 @@ class InferenceClient(_ClientBase):
         **options: Unpack[GenerateOptions],
     ) -> pb.GenerateResponse:
         req = self._request(prompt, model, options)
-        response: pb.GenerateResponse = self.stub.Generate(req, **self._call_options(timeout))
+        response: pb.GenerateResponse = self.stub.Generate(
+            req, **self._call_options(timeout, req.model)
+        )
         return response
 
     def stream(
@@ -137,7 +143,7 @@ class InferenceClient(_ClientBase):
         **options: Unpack[GenerateOptions],
     ) -> Iterator[pb.GenerateChunk]:
         req = self._request(prompt, model, options)
-        call = self.stub.GenerateStream(req, **self._call_options(timeout))
+        call = self.stub.GenerateStream(req, **self._call_options(timeout, req.model))
         try:
             yield from call
         finally:
@@ -152,7 +158,7 @@ class InferenceClient(_ClientBase):
         timeout: float | None = None,
     ) -> pb.EmbedResponse:
         req = self._embed_request(inputs, model, dimensions)
-        response: pb.EmbedResponse = self.stub.Embed(req, **self._call_options(timeout))
+        response: pb.EmbedResponse = self.stub.Embed(req, **self._call_options(timeout, req.model))
         return response
 
     def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
@@ -200,7 +206,9 @@ class AsyncInferenceClient(_ClientBase):
         **options: Unpack[GenerateOptions],
     ) -> pb.GenerateResponse:
         req = self._request(prompt, model, options)
-        response: pb.GenerateResponse = await self.stub.Generate(req, **self._call_options(timeout))
+        response: pb.GenerateResponse = await self.stub.Generate(
+            req, **self._call_options(timeout, req.model)
+        )
         return response
 
     def stream(
@@ -212,7 +220,7 @@ class AsyncInferenceClient(_ClientBase):
         **options: Unpack[GenerateOptions],
     ) -> TokenStream:
         req = self._request(prompt, model, options)
-        return TokenStream(self.stub.GenerateStream(req, **self._call_options(timeout)))
+        return TokenStream(self.stub.GenerateStream(req, **self._call_options(timeout, req.model)))
 
     async def embed(
         self,
@@ -223,7 +231,9 @@ class AsyncInferenceClient(_ClientBase):
         timeout: float | None = None,
     ) -> pb.EmbedResponse:
         req = self._embed_request(inputs, model, dimensions)
-        response: pb.EmbedResponse = await self.stub.Embed(req, **self._call_options(timeout))
+        response: pb.EmbedResponse = await self.stub.Embed(
+            req, **self._call_options(timeout, req.model)
+        )
         return response
 
     async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:

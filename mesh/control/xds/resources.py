@@ -51,6 +51,8 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
+from aimesh.clients.inference import MODEL_HEADER  # what model routes match
+
 from ...config import (
     HeaderMatch,
     MeshConfig,
@@ -71,7 +73,6 @@ SHORT = {LISTENER: "LDS", ROUTE: "RDS", CLUSTER: "CDS", ENDPOINT: "EDS"}
 ROUTE_TABLE = "aimesh"  # the one RouteConfiguration
 GATEWAY_LISTENER = "aimesh-gateway"  # Envoy's socket listener
 DEFAULT_NAME = "aimesh"  # xds:///aimesh: the gateway's table, as the aimesh proxy routes
-MODEL_HEADER = "x-aimesh-model"  # xDS consumers cannot read the body: model routes use this
 
 # CSWRR timings for AI backends: weights from a second of ORCA reports count, rather than
 # the default 10 s blackout, because a model server's load moves in seconds.
@@ -413,6 +414,10 @@ def cluster(spec: ServiceSpec, kind: Kind) -> cluster_pb2.Cluster:
         outlier.interval.CopyFrom(_seconds(cb.window))
     c.outlier_detection.CopyFrom(outlier)
     if kind == "envoy":
+        # No panic mode: Envoy's default (under 50% healthy: spread calls over every
+        # endpoint, unhealthy ones included) would send calls to endpoints the registry
+        # marks unhealthy; aimesh proxies and gRPC clients never do.
+        c.common_lb_config.healthy_panic_threshold.value = 0
         c.typed_extension_protocol_options[
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
         ].CopyFrom(_HTTP2)
@@ -429,9 +434,10 @@ def cluster(spec: ServiceSpec, kind: Kind) -> cluster_pb2.Cluster:
                     ),
                 )
             )
-            # EDS health still counts: an endpoint the registry marks unhealthy is out
-            # even while Envoy's own checks pass.
-            c.ignore_health_on_host_removal = False
+            # The registry is authoritative: an endpoint gone from EDS is gone at once.
+            # (False would keep it, pending_dynamic_removal, until Envoy's own checks fail
+            # it: threshold x interval, 30 s by default, calls to a stopped backend.)
+            c.ignore_health_on_host_removal = True
     return c
 
 
