@@ -22,6 +22,7 @@ from envoy.extensions.load_balancing_policies.wrr_locality.v3 import wrr_localit
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, struct_pb2
 from google.rpc import status_pb2
+from prometheus_client import generate_latest
 
 from aimesh.control.v1 import control_plane_pb2 as pb
 from aimesh.control.v1 import control_plane_pb2_grpc as pb_grpc
@@ -31,6 +32,7 @@ from aimesh.mesh.control.server import ControlPlane, ControlPlaneServer
 from aimesh.mesh.control.store import EmbeddedStore
 from aimesh.mesh.control.xds import resources as xr
 from aimesh.mesh.control.xds.ads import LISTEN_METADATA
+from aimesh.mesh.observability.metrics import control_plane_registry
 
 from .support import eventually
 
@@ -392,6 +394,9 @@ async def test_nack_keeps_the_last_good_version_and_stale_nonces_are_ignored(
         assert types["CDS"]["nack"] == "cluster gpt4-gateway: unsupported policy"
         assert types["CDS"]["subscribed"] == ["gpt4-gateway"]
         assert server.xds.nacks == 1
+        scraped = generate_latest(control_plane_registry(server.cp, server.xds)).decode()
+        assert "aimesh_xds_nacks_total 1.0" in scraped
+        assert 'aimesh_xds_streams{flavor="grpc"} 1.0' in scraped
         # A later change is still pushed after a NACK.
         await apply(ch, MESH.replace("maxRequests: 64", "maxRequests: 32"))
         third = await s.recv()

@@ -52,6 +52,7 @@ from ..admin import Response, Route, text_response
 
 if TYPE_CHECKING:
     from ..control.server import ControlPlane
+    from ..control.xds.ads import Xds
     from ..proxy.cluster import Cluster
     from ..proxy.server import Proxy
 
@@ -639,7 +640,41 @@ class ControlPlaneCollector(Collector):
         ]
 
 
-def control_plane_registry(cp: ControlPlane) -> CollectorRegistry:
+class XdsCollector(Collector):
+    """The xDS server's streams and counters (mesh/control/xds/ads.py), read at scrape time."""
+
+    def __init__(self, xds: Xds) -> None:
+        self.xds = xds
+
+    def collect(self) -> Iterable[Metric]:
+        streams = GaugeMetricFamily(
+            "aimesh_xds_streams",
+            "Open ADS streams, by flavor (envoy:<listen address>, or grpc).",
+            labels=["flavor"],
+        )
+        by_flavor: dict[str, int] = {}
+        for stream in self.xds.streams:
+            by_flavor[stream.flavor.key] = by_flavor.get(stream.flavor.key, 0) + 1
+        for flavor in sorted(by_flavor):
+            streams.add_metric([flavor], by_flavor[flavor])
+        pushes = CounterMetricFamily("aimesh_xds_responses_total", "DiscoveryResponses sent.")
+        pushes.add_metric([], self.xds.pushes)
+        nacks = CounterMetricFamily(
+            "aimesh_xds_nacks_total",
+            "Responses a consumer rejected (it keeps its last good version; /xds has why).",
+        )
+        nacks.add_metric([], self.xds.nacks)
+        rejected = CounterMetricFamily(
+            "aimesh_xds_inconsistent_total",
+            "Resource sets not published because they failed the consistency check.",
+        )
+        rejected.add_metric([], self.xds.rejected)
+        return [streams, pushes, nacks, rejected]
+
+
+def control_plane_registry(cp: ControlPlane, xds: Xds | None = None) -> CollectorRegistry:
     registry = new_registry()
     registry.register(ControlPlaneCollector(cp))
+    if xds is not None:
+        registry.register(XdsCollector(xds))
     return registry
