@@ -532,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .security.callers import add_parsers as add_apikey_parsers
 
     add_apikey_parsers(sub)
+    from .control.xds.bootstrap import add_parsers as add_xds_parsers
+
+    add_xds_parsers(sub)
 
     demo = sub.add_parser("demo", help="a local setup of sim backends with a streamed answer")
     demo.add_argument("--host", default="127.0.0.1")
@@ -568,6 +571,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .control.main import run as run_control_plane
             from .security.cli import ca_from_args
 
+            try:
+                ca = ca_from_args(args)
+            except ValueError as exc:
+                print(f"aimesh control-plane: {exc}", file=sys.stderr)
+                return EXIT_USAGE
             return runtime.run(
                 run_control_plane(
                     args.listen,
@@ -576,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.dns,
                     args.mesh_domain,
                     flags_from_args(args),
-                    ca=ca_from_args(args),
+                    ca=ca,
                 )
             )
         if args.command == "identity":
@@ -599,6 +607,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .observability.experiments import run as run_experiments_report
 
             return run_experiments_report(args)
+        if args.command == "xds":
+            from .control.xds.bootstrap import run as run_xds
+
+            return run_xds(args)
         if args.command == "demo":
             from .demo import run_demo
 

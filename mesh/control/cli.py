@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,9 +23,10 @@ from google.protobuf import json_format
 from aimesh.control.v1 import control_plane_pb2 as pb
 from aimesh.control.v1 import control_plane_pb2_grpc as pb_grpc
 
-from .client import CHANNEL_OPTIONS, resolve_target, targets
+from .client import control_plane_channel, resolve_target, targets
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+TLS_ENV = "AIMESH_TLS_DIR"
 
 
 def add_target(p: argparse.ArgumentParser) -> None:
@@ -33,6 +35,13 @@ def add_target(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="ADDR",
         help="HOST:PORT of the control plane (default $AIMESH_CONTROL_PLANE, then 127.0.0.1:15010)",
+    )
+    p.add_argument(
+        "--tls-dir",
+        default=os.environ.get(TLS_ENV) or None,
+        metavar="DIR",
+        help="connect over mTLS with the certificate in DIR (from `aimesh identity issue`); "
+        f"--control-plane is then the control plane's --secure-listen port (default ${TLS_ENV})",
     )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
 
@@ -75,10 +84,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def _channel(args: argparse.Namespace) -> grpc.aio.Channel:
-    # Commands talk to one replica: the first given.
-    return grpc.aio.insecure_channel(
-        targets(resolve_target(args.control_plane))[0], options=CHANNEL_OPTIONS
-    )
+    # Commands talk to one replica: the first given; with --tls-dir, over mTLS the way
+    # workloads do (ValueError when the directory holds no usable certificate).
+    identity = None
+    if args.tls_dir:
+        from ..security.workload import load_tls_dir  # cryptography: only when asked for
+
+        identity = load_tls_dir(args.tls_dir)
+    return control_plane_channel(targets(resolve_target(args.control_plane))[0], identity)
 
 
 def _failed(prog: str, exc: grpc.aio.AioRpcError, target: str, err: TextIO) -> int:
@@ -87,7 +100,7 @@ def _failed(prog: str, exc: grpc.aio.AioRpcError, target: str, err: TextIO) -> i
         print(
             f"{prog}: cannot reach the control plane at {target} ({code.name}: {exc.details()})\n"
             "  hint: start one with `aimesh control-plane`, or point --control-plane / "
-            "$AIMESH_CONTROL_PLANE at it",
+            "$AIMESH_CONTROL_PLANE at it (with --tls-dir: at its --secure-listen port)",
             file=err,
         )
         return EXIT_UNREACHABLE
@@ -346,7 +359,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         return EXIT_USAGE
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     parser = argparse.ArgumentParser(prog="aimesh")
     add_parsers(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(argv))
+    return run(parser.parse_args(argv), out, err)

@@ -94,6 +94,18 @@ def targets(spec: str) -> list[str]:
     return out
 
 
+def control_plane_channel(address: str, identity: Any = None) -> grpc.aio.Channel:
+    """A channel to one control plane: plaintext, or, with a mesh `identity`
+    (WorkloadIdentity), mTLS with its current certificate, the handshake proving the
+    control plane's SPIFFE ID (`identity.control_plane_id`)."""
+    if identity is not None:
+        channel: grpc.aio.Channel = identity.secure_channel(
+            address, identity.control_plane_id, CHANNEL_OPTIONS
+        )
+        return channel
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
 class _Replicas:
     """Channels to the control plane's replicas; `next()` fails over to the following one.
 
@@ -127,12 +139,7 @@ class _Replicas:
     def channel(self) -> grpc.aio.Channel:
         ch = self._channels.get(self.address)
         if ch is None:
-            if self.identity is not None:
-                ch = self.identity.secure_channel(
-                    self.address, self.identity.control_plane_id, CHANNEL_OPTIONS
-                )
-            else:
-                ch = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            ch = control_plane_channel(self.address, self.identity)
             self._channels[self.address] = ch
         return ch
 
@@ -257,8 +264,14 @@ class Registrar:
                 self.registered.clear()
                 attempt += 1
                 if attempt == 1 or attempt % 20 == 0:
+                    # With the details: a STRICT control plane's UNAUTHENTICATED names its
+                    # mTLS port, a PERMISSION_DENIED the identity and service at fault.
+                    details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else ""
                     log.warning(
-                        "control plane %s: %s; retrying", self.replicas.address, exc.code().name
+                        "control plane %s: %s%s; retrying",
+                        self.replicas.address,
+                        exc.code().name,
+                        f": {details}" if details else "",
                     )
                 self.replicas.next()
                 if await _sleep_or_stop(self._stop, RECONNECT.delay(attempt, self.rng)):

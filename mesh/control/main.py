@@ -71,12 +71,13 @@ def admin_routes(cp: ControlPlane, server: ControlPlaneServer) -> dict[str, obje
 
     return {
         "/ready": lambda: text_response("ready\n"),
-        "/metrics": metrics_route(control_plane_registry(cp)),
+        "/metrics": metrics_route(control_plane_registry(cp, server.xds)),
         "/topology": topology,
         "/": dashboard,  # the live topology page, polling /topology
         "/dashboard": dashboard,
         "/catalog": catalog,
         "/config": config,
+        "/xds": lambda: json_response(server.xds.describe()),  # streams, versions, NACKs
     }
 
 
@@ -118,7 +119,12 @@ async def run(
             file=sys.stderr,
             flush=True,
         )
-    server = ControlPlaneServer(cp, tracer_provider=provider, identity=identity)
+    server = ControlPlaneServer(
+        cp,
+        tracer_provider=provider,
+        identity=identity,
+        mtls_mode=ca.mtls_mode if ca else "PERMISSIVE",
+    )
     try:
         port = await server.start(listen, ca.secure_listen if ca else None)
     except Exception as exc:  # the store could not open: say which and why, then exit
@@ -130,6 +136,8 @@ async def run(
     ]
     if server.secure_port and ca and ca.secure_listen:
         parts.insert(1, f"mTLS on {host_of(ca.secure_listen)}:{server.secure_port}")
+        if server.guard is not None:
+            parts.insert(2, "STRICT: plaintext serves only Identity, health and reflection")
     admin_server = None
     if admin:
         admin_server = AdminServer(admin_routes(cp, server))  # type: ignore[arg-type]

@@ -20,19 +20,23 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from aimesh.control.v1 import control_plane_pb2 as pb
 from aimesh.control.v1 import control_plane_pb2_grpc as pb_grpc
 from aimesh.interceptors import DecodeErrorInterceptor
+from aimesh.interceptors.base import Stack
 
 from ..config import MeshConfig, load_text, summary
 from ..errors import ConfigError
-from ..serving import Health, bind, enable_reflection, server_options
-from . import consistency
+from ..serving import Health, bind, enable_reflection, host_of, server_options
+from . import access, consistency
 from .catalog import Catalog, Instance, Key, Snapshot, merge
 from .leases import check_ttl
 from .store import ConfigRecord, Conflict, Store, StoreUnavailable
 from .topology import REPORT_INTERVAL, Topology
+from .xds.ads import SERVICE as XDS_SERVICE
+from .xds.ads import Xds
 
 log = logging.getLogger("aimesh.control")
 
@@ -66,6 +70,9 @@ class ControlPlane:
         self.topology = Topology(clock)
         self.catalog_signal = _Signal()
         self.config_signal = _Signal()
+        # Fires on anything a view of the mesh depends on: catalog, config, and health as
+        # proxies report it (the xDS server follows this one).
+        self.state_signal = _Signal()
         self.started = time.time()
         self.parsed: tuple[str, MeshConfig] | None = None  # the document Apply last parsed
         # The full catalog as a watch update, built once per version for every watcher
@@ -104,6 +111,7 @@ class ControlPlane:
         # Watchers first: the topology's uptime bookkeeping walks every reported
         # endpoint, so it runs on its own clock (`observe_every`), not on this path.
         self.catalog_signal.fire()
+        self.state_signal.fire()
 
     async def observe_every(self, seconds: float = 1.0) -> None:
         """Integrates service uptime against the live catalog, forever."""
@@ -128,6 +136,7 @@ class ControlPlane:
             return
         self.config, self.mesh = record, mesh
         self.config_signal.fire()
+        self.state_signal.fire()
 
     # -- waiting for publication --------------------------------------------------------
 
@@ -177,6 +186,7 @@ class RegistryService(pb_grpc.RegistryServicer):
             ttl = check_ttl(request.ttl.ToNanoseconds() / 1e9)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await access.authorize_registration(context, inst.service)
         inst = replace(inst, registered_at=time.time(), lease_id=0)
         lease_id, version = await _store_call(context, self.cp.store.register(inst, ttl))
         await self.cp.wait_catalog(version)
@@ -199,7 +209,11 @@ class RegistryService(pb_grpc.RegistryServicer):
         request_iterator: AsyncIterator[pb.KeepAliveRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.KeepAliveResponse]:
+        allowed: set[int] = set()  # leases this stream's caller may renew (checked once)
         async for request in request_iterator:
+            if request.lease_id not in allowed:
+                await self._authorize_lease(context, request.lease_id)
+                allowed.add(request.lease_id)
             serving = request.serving if request.HasField("serving") else None
             ttl = await _store_call(context, self.cp.store.keepalive(request.lease_id, serving))
             response = pb.KeepAliveResponse(lease_id=request.lease_id, found=ttl is not None)
@@ -212,6 +226,7 @@ class RegistryService(pb_grpc.RegistryServicer):
     ) -> pb.DeregisterResponse:
         which = request.WhichOneof("target")
         if which == "lease_id":
+            await self._authorize_lease(context, request.lease_id)
             version = await _store_call(
                 context, self.cp.store.deregister(lease_id=request.lease_id)
             )
@@ -220,6 +235,8 @@ class RegistryService(pb_grpc.RegistryServicer):
             ref = request.instance
             key = self._find(ref.service, ref.instance_id)
             what = f"{ref.service}/{ref.instance_id}"
+            if key:
+                await access.authorize_registration(context, key[0])
             version = await _store_call(context, self.cp.store.deregister(key=key)) if key else None
         else:
             await context.abort(
@@ -234,6 +251,17 @@ class RegistryService(pb_grpc.RegistryServicer):
         self.cp.deregistrations += 1
         log.info("deregistered %s", what)
         return pb.DeregisterResponse(version=version)
+
+    async def _authorize_lease(
+        self, context: grpc.aio.ServicerContext[Any, Any], lease_id: int
+    ) -> None:
+        # The lease's instance, from the catalog: a lease not there (expired, unknown,
+        # or not yet seen by this replica) renews nothing a caller could take over, and
+        # the store answers it as usual (found=false, NOT_FOUND).
+        if access.has_client_certificate(context):
+            for inst in self.cp.catalog.snapshot.instances.values():
+                if inst.lease_id == lease_id:
+                    await access.authorize_registration(context, inst.service)
 
     def _find(self, service: str, instance_id: str) -> Key | None:
         """By instance id, or by address (the default id, but an id may be set)."""
@@ -302,6 +330,7 @@ class ConfigService(pb_grpc.ConfigServicer):
     async def Apply(  # noqa: N802 (gRPC method name)
         self, request: pb.ApplyConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ApplyConfigResponse:
+        await access.authorize_operator(context, "apply config")
         source = request.source or "<apply>"
         try:
             mesh = load_text(request.document, source=source)
@@ -376,7 +405,8 @@ class StatusService(pb_grpc.StatusServicer):
     async def Report(  # noqa: N802 (gRPC method name)
         self, request: pb.ProxyReport, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReportAck:
-        self.cp.topology.report(request)
+        if self.cp.topology.report(request):
+            self.cp.state_signal.fire()  # a proxy's view of an endpoint's health changed
         ack = pb.ReportAck()
         ack.interval.FromNanoseconds(int(REPORT_INTERVAL * 1e9))
         return ack
@@ -404,9 +434,23 @@ STREAMS = frozenset(
 class ControlPlaneServer:
     """The gRPC server with the three services, health and reflection."""
 
-    def __init__(self, cp: ControlPlane, tracer_provider: Any = None, identity: Any = None) -> None:
+    def __init__(
+        self,
+        cp: ControlPlane,
+        tracer_provider: Any = None,
+        identity: Any = None,
+        mtls_mode: str = "PERMISSIVE",
+    ) -> None:
         self.cp = cp
         interceptors: list[Any] = [DecodeErrorInterceptor()]
+        # STRICT: the plaintext port serves only Identity, health and reflection (access.py).
+        self.mtls_mode = mtls_mode
+        self.guard: access.PlaintextGuard | None = None
+        if mtls_mode == "STRICT":
+            if identity is None:
+                raise ValueError("--mtls-mode STRICT needs the mesh CA (--ca-dir DIR)")
+            self.guard = access.PlaintextGuard()
+            interceptors.insert(0, Stack([self.guard]))
         if tracer_provider is not None:  # a server span per unary call, not per stream
             from ..observability.tracing import server_interceptor
 
@@ -417,6 +461,10 @@ class ControlPlaneServer:
         self.status = StatusService(cp)
         pb_grpc.add_StatusServicer_to_server(self.status, self.server)
         services = list(SERVICES)
+        # xDS v3 (ADS) over the same catalog and config, for Envoy and proxyless gRPC.
+        self.xds = Xds(cp)
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.xds, self.server)
+        services.append(XDS_SERVICE)
         self.identity = identity  # the mesh CA's Identity service (mesh/control/identity.py)
         if identity is not None:
             pb_grpc.add_IdentityServicer_to_server(identity, self.server)
@@ -431,6 +479,12 @@ class ControlPlaneServer:
         self.secure_port = 0  # mTLS, with the mesh CA (mesh/control/identity.py)
         if secure_listen and self.identity is not None:
             self.secure_port = self.identity.bind_secure(self.server, secure_listen)
+        if self.guard is not None:
+            if not self.secure_port:
+                raise ValueError("--mtls-mode STRICT needs an mTLS port: --secure-listen HOST:PORT")
+            host = host_of(secure_listen or "")
+            host = "<the control plane's host>" if host in ("0.0.0.0", "::") else host
+            self.guard.secure_address = f"{host}:{self.secure_port}"
         await self.cp.store.open(self.cp)
         await self.server.start()
         await self.health.set_serving(True)
@@ -439,11 +493,13 @@ class ControlPlaneServer:
             host = "127.0.0.1" if host in ("", "0.0.0.0", "[::]") else host
             await self.identity.start_own(f"{host}:{self.port}")
         self._observer = asyncio.get_running_loop().create_task(self.cp.observe_every())
+        self.xds.start()
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:
         if self._observer is not None:
             self._observer.cancel()
+        await self.xds.stop()
         if self.identity is not None:
             await self.identity.stop_own()
         await self.health.shutdown()

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import httpx
@@ -37,7 +37,8 @@ from aimesh.interceptors import DecodeErrorInterceptor
 
 from ..errors import MeshError
 from ..orca import ACTIVE, LOAD_TRAILERS, SLOTS, LoadReport
-from ..serving import Health, bind, enable_reflection, server_options, stop_on_signals
+from ..security.mtls import bind_ports, start_workload_identity
+from ..serving import Health, enable_reflection, server_options, stop_on_signals
 from ..sim.server import Registration
 from .common import (
     ChunkAssembler,
@@ -49,6 +50,10 @@ from .common import (
 )
 from .errors import http_error, redact
 from .sse import Event, SSEParser
+
+if TYPE_CHECKING:
+    from ..security.cli import MtlsFlags
+    from ..security.workload import WorkloadIdentity
 
 log = logging.getLogger("aimesh.providers")
 
@@ -655,6 +660,7 @@ class RunningProvider:
     backend: ProviderBackend
     health: Health
     port: int
+    plaintext_port: int = 0  # PERMISSIVE: the plaintext port next to the mTLS one
 
     async def stop(self, grace: float = 5.0) -> int:
         """Graceful stop: NOT_SERVING, refuse new calls, let in-flight ones finish within
@@ -675,10 +681,13 @@ async def start_provider(
     timeouts: Timeouts = Timeouts(),
     max_connections: int = 100,
     transport: httpx.AsyncBaseTransport | None = None,
+    identity: WorkloadIdentity | None = None,
+    plaintext_listen: str | None = None,
 ) -> RunningProvider:
-    """Starts an adapter's gRPC server in this event loop (tests use it directly)."""
+    """Starts an adapter's gRPC server in this event loop (tests use it directly). With a
+    mesh `identity` the port is STRICT mTLS, as a sim's; PERMISSIVE adds `plaintext_listen`."""
     server = grpc.aio.server(options=server_options(), interceptors=[DecodeErrorInterceptor()])
-    port = bind(server, listen)
+    port, plaintext_port = bind_ports(server, listen, identity, plaintext_listen)
     host = listen.rpartition(":")[0]
     if not config.instance_id:
         from dataclasses import replace
@@ -699,7 +708,9 @@ async def start_provider(
     enable_reflection(server, [INFERENCE])
     await server.start()
     await health.set_serving(True)
-    return RunningProvider(server=server, backend=backend, health=health, port=port)
+    return RunningProvider(
+        server=server, backend=backend, health=health, port=port, plaintext_port=plaintext_port
+    )
 
 
 async def serve(
@@ -712,27 +723,41 @@ async def serve(
     max_connections: int = 100,
     grace: float = 10.0,
     registration: Registration | None = None,
+    mtls: MtlsFlags | None = None,
 ) -> None:
     """Serves until SIGTERM/SIGINT, then drains for up to `grace` seconds; with a
-    `registration`, registers once serving and deregisters first thing on SIGTERM."""
+    `registration`, registers once serving and deregisters first thing on SIGTERM. With
+    `mtls` (the identity flags), as a sim: a certificate from the join token, STRICT mTLS
+    serving, and registration over the control plane's mTLS port when given."""
+    prog = f"aimesh backend {provider.name}"
+    identity = await start_workload_identity(mtls, prog) if mtls is not None else None
     running = await start_provider(
-        provider, base_url, config, listen, timeouts=timeouts, max_connections=max_connections
+        provider,
+        base_url,
+        config,
+        listen,
+        timeouts=timeouts,
+        max_connections=max_connections,
+        identity=identity,
+        plaintext_listen=mtls.plaintext_listen if mtls else None,
     )
     b = running.backend
     host = listen.rpartition(":")[0]
     registrar = None
     if registration is not None:
-        registrar = _registrar(registration, b, f"{host}:{running.port}")
+        address = f"{host}:{running.port}"
+        registrar = registration.registrar(address, b.instance_id, b.config.served(), b, identity)
         registrar.start()
     stop = asyncio.Event()
     stop_on_signals(stop)
     served = ", ".join(
         f"{m}->{b.config.model_map[m]}" if m in b.config.model_map else m for m in b.config.served()
     )
+    tls = f"; mTLS as {identity.spiffe_id} ({mtls.mode or 'STRICT'})" if identity and mtls else ""
     print(
         f"aimesh {provider.name} backend {b.instance_id} listening on {host}:{running.port}: "
         f"provider {b.http.base_url}; models {served or '(any, passed through)'}; "
-        f"{max_connections} connections",
+        f"{max_connections} connections{tls}",
         flush=True,
     )
     await stop.wait()
@@ -745,42 +770,14 @@ async def serve(
         flush=True,
     )
     cut = await running.stop(grace)
+    if identity is not None:
+        await identity.stop()
     note = f" ({cut} calls cut short after the grace period)" if cut else ""
     print(
         f"aimesh {provider.name} backend {b.instance_id}: stopped{note}",
         file=sys.stderr,
         flush=True,
     )
-
-
-def _registrar(reg: Registration, backend: ProviderBackend, address: str) -> Any:
-    from aimesh.control.v1 import control_plane_pb2 as cp_pb
-
-    from ..control.client import Registrar
-
-    registrar = Registrar(
-        reg.control_plane,
-        cp_pb.Instance(
-            service=reg.service,
-            address=address,
-            instance_id=backend.instance_id,
-            models=backend.config.served(),
-            version=reg.version,
-            zone=reg.zone,
-            weight=reg.weight,
-            serving=True,
-        ),
-        ttl=reg.ttl,
-    )
-    previous = backend.on_serving_change
-
-    async def on_change(serving: bool) -> None:
-        if previous is not None:
-            await previous(serving)
-        registrar.set_serving(serving)
-
-    backend.on_serving_change = on_change
-    return registrar
 
 
 def parse_model_map(items: Sequence[str]) -> dict[str, str]:

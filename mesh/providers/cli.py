@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..control.client import add_registration_flags
+from ..security.cli import add_mtls_flags, mtls_from_args
 from ..units import parse_duration
 
 KINDS = ("openai", "anthropic")
@@ -92,6 +93,9 @@ def _add_common(p: argparse.ArgumentParser, kind: str) -> None:
         help="on SIGTERM, time for in-flight calls to finish (default 10s)",
     )
     add_registration_flags(p, _duration)
+    # The same mesh identity flags as `aimesh backend sim`: STRICT mTLS serving, and
+    # registration over the control plane's mTLS port with --secure-control-plane.
+    add_mtls_flags(p, proxy=False)
 
 
 def add_parsers(backend_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -218,6 +222,10 @@ def run(args: argparse.Namespace) -> int:
         owned_by=args.owned_by,
         context_window=args.context_window,
     )
+    try:
+        mtls = mtls_from_args(args, args.control_plane)
+    except ValueError as exc:
+        return _fail(kind, str(exc))
     registration = None
     if args.control_plane:
         served = config.served()
@@ -238,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
             max_connections=args.max_connections,
             grace=args.grace,
             registration=registration,
+            mtls=mtls,
         )
     )
     return 0

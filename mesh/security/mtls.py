@@ -24,8 +24,11 @@ import logging
 from typing import Any
 
 import grpc
+import grpc.aio
 
 from aimesh.interceptors.base import InboundCall, Next
+
+from ..serving import bind
 
 log = logging.getLogger("aimesh.security.mtls")
 
@@ -46,16 +49,32 @@ async def setup_identity(proxy: Any, config: Any) -> None:
     mode = flags.mode if flags is not None and flags.mode else ""
     proxy.mtls_mode = mode or (yaml_mode if yaml_mode != "DISABLE" else "STRICT")
     if proxy.identity is None:
-        from .workload import WorkloadIdentity
-
-        proxy.identity = WorkloadIdentity(
-            flags.control_plane,
-            flags.identity,
-            flags.join_token,
-            secure_control_plane=flags.secure_control_plane,
-        )
-        await start_or_exit(proxy.identity, "aimesh proxy")
+        proxy.identity = await start_workload_identity(flags, "aimesh proxy")
     proxy.identity.on_rotate.append(lambda svid: rotated(proxy))
+
+
+async def start_workload_identity(flags: Any, prog: str) -> Any:
+    """The identity `flags` (MtlsFlags) name, with its first certificate (from the join
+    token) and renewing; exits with the control plane's reason when it cannot get one."""
+    from .workload import WorkloadIdentity
+
+    identity = WorkloadIdentity(
+        flags.control_plane,
+        flags.identity,
+        flags.join_token,
+        secure_control_plane=flags.secure_control_plane,
+    )
+    await start_or_exit(identity, prog)
+    return identity
+
+
+def bind_ports(
+    server: grpc.aio.Server, listen: str, identity: Any, plaintext_listen: str | None
+) -> tuple[int, int]:
+    """A backend's ports: `listen` is mTLS with an identity (STRICT), else plaintext;
+    PERMISSIVE adds a plaintext `plaintext_listen`. (port, plaintext port or 0)."""
+    port = bind(server, listen, identity.server_credentials() if identity else None)
+    return port, bind(server, plaintext_listen) if plaintext_listen else 0
 
 
 async def start_or_exit(identity: Any, prog: str) -> Any:

@@ -38,6 +38,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -46,7 +47,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from .ca import PrivateKey, generate_key, load_private_key, make_csr
+from .ca import (
+    PrivateKey,
+    _check_key_matches,
+    _read,
+    _write,
+    generate_key,
+    load_private_key,
+    make_csr,
+)
 from .spiffe import load_certificate, load_certificates, parse, peer_spiffe_id
 
 log = logging.getLogger("aimesh.security.workload")
@@ -377,11 +386,56 @@ def leaf_of(chain_pem: str) -> x509.Certificate:
     return load_certificate(chain_pem)
 
 
+# A certificate on disk (`aimesh identity issue --out DIR`, read with --tls-dir DIR): the
+# private key (0600), the leaf with its chain, and the trust bundle.
+TLS_KEY, TLS_CERT, TLS_BUNDLE = "key.pem", "cert.pem", "ca.pem"
+
+
+def write_tls_dir(directory: str | Path, key_pem: str, chain_pem: str, bundle_pem: str) -> Path:
+    """Writes the three files (the directory is created 0700 if missing)."""
+    out = Path(directory)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write(out / TLS_KEY, key_pem, 0o600)
+    _write(out / TLS_CERT, chain_pem, 0o644)
+    _write(out / TLS_BUNDLE, bundle_pem, 0o644)
+    return out
+
+
+def load_tls_dir(directory: str | Path, *, clock: Clock = time.time) -> WorkloadIdentity:
+    """The identity in a --tls-dir, ready for `secure_channel` (it does not renew: a
+    person's or a tool's certificate is issued again when it expires). ValueError says
+    which file is wrong, or that the certificate expired."""
+    src = Path(directory)
+    key_pem = _read(src / TLS_KEY)  # refuses a key readable by others
+    chain_pem = _read(src / TLS_CERT, secret=False)
+    bundle_pem = _read(src / TLS_BUNDLE, secret=False)
+    try:
+        leaf = load_certificates(chain_pem)[0]
+        spiffe_id = peer_spiffe_id(leaf)
+    except (IndexError, ValueError) as exc:
+        raise ValueError(f"{src / TLS_CERT}: not a mesh certificate ({exc or 'empty'})") from None
+    if leaf.not_valid_after_utc.timestamp() <= clock():
+        raise ValueError(
+            f"{src / TLS_CERT}: the certificate for {spiffe_id} expired at "
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}; issue a new one with "
+            "`aimesh identity issue`"
+        )
+    try:
+        _check_key_matches(leaf, load_private_key(key_pem), "mesh")
+    except ValueError as exc:
+        raise ValueError(f"{src / TLS_KEY}: {exc}") from None
+    identity = WorkloadIdentity("", spiffe_id, clock=clock)
+    identity.adopt(key_pem, chain_pem, bundle_pem)
+    return identity
+
+
 __all__ = [
     "Svid",
     "WorkloadIdentity",
     "dns_name_for",
+    "load_tls_dir",
     "peer_spiffe_id_of",
     "sign_for_renewal",
     "verify_renewal_signature",
+    "write_tls_dir",
 ]

@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -21,13 +22,15 @@ from ..observability.tracing import (
     setup_tracing,
     shutdown_tracing,
 )
-from ..serving import Health, bind, enable_reflection, server_options, stop_on_signals
+from ..security.mtls import bind_ports
+from ..serving import Health, enable_reflection, server_options, stop_on_signals
 from .faults import Faults
 from .service import InferenceService, SimBackend, SimConfig, SimControlService
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
+    from ..control.client import Registrar
     from ..security.cli import MtlsFlags
     from ..security.workload import WorkloadIdentity
 
@@ -69,6 +72,46 @@ class Registration:
             ttl=args.ttl,
         )
 
+    def registrar(
+        self,
+        address: str,
+        instance_id: str,
+        models: Sequence[str],
+        backend: Any,
+        identity: WorkloadIdentity | None = None,
+    ) -> Registrar:
+        """A registrar for a backend (sim or provider adapter) serving at `address`, with
+        `backend.on_serving_change` (SetServing, drain) reaching the catalog at once.
+        With an identity and --secure-control-plane: over the control plane's mTLS port."""
+        from aimesh.control.v1 import control_plane_pb2 as cp_pb
+
+        from ..control.client import Registrar
+
+        registrar = Registrar(
+            self.control_plane,
+            cp_pb.Instance(
+                service=self.service,
+                address=address,
+                instance_id=instance_id,
+                models=models,
+                version=self.version,
+                zone=self.zone,
+                weight=self.weight,
+                serving=True,
+            ),
+            ttl=self.ttl,
+            identity=identity,
+        )
+        previous = backend.on_serving_change
+
+        async def on_change(serving: bool) -> None:
+            if previous is not None:
+                await previous(serving)
+            registrar.set_serving(serving)
+
+        backend.on_serving_change = on_change
+        return registrar
+
 
 @dataclass
 class RunningSim:
@@ -105,9 +148,7 @@ async def start_sim(
     if tracer_provider is not None:
         interceptors.insert(0, server_interceptor(tracer_provider))
     server = grpc.aio.server(options=server_options(), interceptors=interceptors)
-    # With an identity the port is STRICT mTLS; PERMISSIVE adds a plaintext port.
-    port = bind(server, listen, identity.server_credentials() if identity else None)
-    plaintext_port = bind(server, plaintext_listen) if plaintext_listen else 0
+    port, plaintext_port = bind_ports(server, listen, identity, plaintext_listen)
     host = listen.rpartition(":")[0]
     if not config.instance_id:
         config = replace(config, instance_id=f"{host}:{port}")
@@ -161,18 +202,12 @@ async def _serve(
 ) -> None:
     identity = None
     if mtls is not None:
-        from ..security.mtls import start_or_exit
-        from ..security.workload import WorkloadIdentity
+        from ..security.mtls import start_workload_identity
 
-        identity = WorkloadIdentity(
-            mtls.control_plane,
-            mtls.identity,
-            mtls.join_token,
-            secure_control_plane=mtls.secure_control_plane,
-        )
-        svid = await start_or_exit(identity, "aimesh backend sim")
+        identity = await start_workload_identity(mtls, "aimesh backend sim")
         print(
-            f"aimesh sim backend: identity {svid.spiffe_id} ({mtls.mode or 'STRICT'})", flush=True
+            f"aimesh sim backend: identity {identity.spiffe_id} ({mtls.mode or 'STRICT'})",
+            flush=True,
         )
     sim = await start_sim(
         config,
@@ -185,13 +220,15 @@ async def _serve(
     )
     registrar = None
     host = listen.rpartition(":")[0]
+    c = sim.backend.config
     if registration is not None:
         # With an identity and --secure-control-plane: over the control plane's mTLS port.
-        registrar = _registrar(registration, sim, f"{host}:{sim.port}", identity)
+        registrar = registration.registrar(
+            f"{host}:{sim.port}", c.instance_id, c.models, sim.backend, identity
+        )
         registrar.start()
     stop = asyncio.Event()
     stop_on_signals(stop)
-    c = sim.backend.config
     print(
         f"aimesh sim backend {c.instance_id} listening on {host}:{sim.port}: "
         f"models {', '.join(c.models)}; {c.slots} slots, queue {c.max_queue}; "
@@ -213,38 +250,3 @@ async def _serve(
         await identity.stop()
     note = f" ({cut} calls cut short after the grace period)" if cut else ""
     print(f"aimesh sim backend {c.instance_id}: stopped{note}", file=sys.stderr, flush=True)
-
-
-def _registrar(
-    reg: Registration, sim: RunningSim, address: str, identity: WorkloadIdentity | None = None
-) -> Any:
-    from aimesh.control.v1 import control_plane_pb2 as cp_pb
-
-    from ..control.client import Registrar
-
-    c = sim.backend.config
-    registrar = Registrar(
-        reg.control_plane,
-        cp_pb.Instance(
-            service=reg.service,
-            address=address,
-            instance_id=c.instance_id,
-            models=c.models,
-            version=reg.version,
-            zone=reg.zone,
-            weight=reg.weight,
-            serving=True,
-        ),
-        ttl=reg.ttl,
-        identity=identity,
-    )
-    # Health changes (SimControl.SetServing, drain) reach the catalog at once.
-    previous = sim.backend.on_serving_change
-
-    async def on_change(serving: bool) -> None:
-        if previous is not None:
-            await previous(serving)
-        registrar.set_serving(serving)
-
-    sim.backend.on_serving_change = on_change
-    return registrar
