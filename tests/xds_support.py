@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,9 @@ class XdsMesh:
     """A control plane (memory store) and sims registered to it; every process is killed
     at the end of the test whatever happened."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, store: str = "memory") -> None:
         self.tmp = tmp
+        self.store = store  # sqlite:PATH: catalog and config survive restart_control_plane
         self.procs: list[procs.Proc] = []
         self.sims: dict[str, procs.Proc] = {}
         self.cp = self._control_plane()
@@ -62,7 +64,7 @@ class XdsMesh:
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--store",
-                "memory",
+                self.store,
                 "--admin",
                 "127.0.0.1:0",
             ),
@@ -86,6 +88,36 @@ class XdsMesh:
         with urllib.request.urlopen(self.admin_url + "/xds", timeout=5) as r:
             state: dict[str, Any] = json.load(r)
             return state
+
+    def topology(self) -> dict[str, Any]:
+        """The control plane's /topology page: services and their instances."""
+        with urllib.request.urlopen(self.admin_url + "/topology", timeout=5) as r:
+            state: dict[str, Any] = json.load(r)
+            return state
+
+    def healthy_instances(self) -> set[str]:
+        """The instance ids the control plane has registered and healthy."""
+        return {
+            inst["instanceId"]
+            for svc in self.topology()["services"]
+            for inst in svc["instances"]
+            if inst["healthy"]
+        }
+
+    def wait_healthy(self, *names: str, timeout: float = 15.0) -> None:
+        """Waits until every instance in `names` is registered and healthy."""
+        deadline = time.monotonic() + timeout
+        seen: set[str] = set()
+        while True:
+            try:
+                seen = self.healthy_instances()
+            except OSError:  # the control plane is (re)starting
+                seen = set()
+            if set(names) <= seen:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"instances {sorted(names)} not all healthy: {sorted(seen)}")
+            time.sleep(0.05)
 
     def sim(self, name: str, service: str, *extra: str, model: str = "gpt-4") -> procs.Proc:
         p = procs.start_sim(
@@ -160,3 +192,19 @@ def within_points(counts: Counter[str] | dict[str, int], expected: dict[str, flo
 def share(counts: Counter[str] | dict[str, int], names: Sequence[str]) -> float:
     total = sum(counts.values())
     return 100 * sum(counts.get(n, 0) for n in names) / total if total else 0.0
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str) -> float:
+    """Polls `check()` until it is truthy; the seconds it took. Fails after `timeout`."""
+    t0 = time.monotonic()
+    while not check():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def served(records: Iterable[Any]) -> Counter[str]:
+    """Successful calls per instance, from client call records (tests/node_client.py's
+    CallRecord: `.ok`, `.instance`)."""
+    return Counter(r.instance or "?" for r in records if r.ok)

@@ -358,9 +358,13 @@ def _balance(cluster: cluster_pb2.Cluster, spec: ServiceSpec, kind: Kind) -> Non
         else:
             # gRPC: inside wrr_locality (localities weighted, endpoints by their reports),
             # with round_robin as the fallback for clients without weighted_round_robin.
-            for child in (_cswrr(), round_robin_pb2.RoundRobin()):
+            # The fallback goes inside the endpoint picking list too: grpc-js-xds NACKs
+            # the cluster when a wrr_locality's child list has nothing it knows, rather
+            # than falling through to the next wrr_locality.
+            rr = round_robin_pb2.RoundRobin()
+            for children in ((_cswrr(), rr), (rr,)):
                 picking = cluster_pb2.LoadBalancingPolicy(
-                    policies=[_policy("endpoint_picking", child)]
+                    policies=[_policy("endpoint_picking", child) for child in children]
                 )
                 cluster.load_balancing_policy.policies.append(
                     _policy(
@@ -400,6 +404,10 @@ def cluster(spec: ServiceSpec, kind: Kind) -> cluster_pb2.Cluster:
     outlier = outlier_detection_pb2.OutlierDetection(
         base_ejection_time=_seconds(od.base_ejection_time),
         max_ejection_percent=wrappers_pb2.UInt32Value(value=round(od.max_ejection_percent * 100)),
+        # No success-rate ejection (the config has none; xDS turns it on when this is
+        # unset). grpc-js 1.14.7 with it on and its fields unset crashes the client
+        # process at the first interval (10 s): `successRates.reduce` on an empty list.
+        enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
     )
     if kind == "envoy":
         # Envoy maps grpc-status to HTTP (UNAVAILABLE -> 503): consecutive_5xx counts them.
@@ -418,6 +426,9 @@ def cluster(spec: ServiceSpec, kind: Kind) -> cluster_pb2.Cluster:
         # endpoint, unhealthy ones included) would send calls to endpoints the registry
         # marks unhealthy; aimesh proxies and gRPC clients never do.
         c.common_lb_config.healthy_panic_threshold.value = 0
+        # Health changes count at once: Envoy's default 1 s merge window held a new
+        # endpoint out for ~1 s after its first active check passed.
+        c.common_lb_config.update_merge_window.CopyFrom(_seconds(0))
         c.typed_extension_protocol_options[
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
         ].CopyFrom(_HTTP2)
