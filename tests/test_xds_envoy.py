@@ -292,9 +292,9 @@ async def test_envoy_follows_endpoint_churn_and_health_live(
             assert set(load.since(stopped)) == {"s1", "s2"}
         errors = [(at - stopping, w) for at, w in load.log if w.startswith("error")]
         print(f"{len(load.log)} calls under load; failed: {errors}")
-        # The only failures: calls Envoy sent to s3 in the moment between its deregistering
-        # and Envoy applying the EDS update, which s3, already draining, refused.
-        assert all(0 <= at < stopped - stopping for at, _ in errors), errors
+        # None failed: s3 keeps taking calls for --deregister-delay (250 ms) after it
+        # deregisters, longer than Envoy takes to apply the EDS update.
+        assert errors == []
 
 
 async def test_envoy_keeps_routing_without_the_control_plane_and_resyncs(

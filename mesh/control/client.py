@@ -79,6 +79,13 @@ def add_registration_flags(
     reg.add_argument("--version", dest="build_version", default="", help="version label, e.g. v2")
     reg.add_argument("--weight", type=int, default=1, help="relative share of traffic (default 1)")
     reg.add_argument("--ttl", type=duration, default=5.0, help="lease ttl (default 5s)")
+    reg.add_argument(
+        "--deregister-delay",
+        type=duration,
+        default=0.25,
+        help="on SIGTERM, keep taking new calls this long after deregistering, while the "
+        "mesh learns the instance is gone (default 250ms)",
+    )
 
 
 def resolve_target(explicit: str | None, env: Mapping[str, str] = os.environ) -> str:
@@ -207,12 +214,14 @@ class Registrar:
         ttl: float = 5.0,
         rng: random.Random | None = None,
         identity: Any = None,
+        linger: float = 0.0,
     ) -> None:
         # identity: the workload's WorkloadIdentity; with its --secure-control-plane,
         # everything goes over the control plane's mTLS port.
         self.replicas = _Replicas(control_plane, identity)
         self.instance = instance
         self.ttl = ttl
+        self.linger = linger  # --deregister-delay
         self.rng = rng or random.Random()
         self.lease_id = 0
         self.registered = asyncio.Event()  # set while registered (tests and logs wait on it)
@@ -242,6 +251,10 @@ class Registrar:
                     await pb_grpc.RegistryStub(ch).Deregister(
                         pb.DeregisterRequest(lease_id=self.lease_id), timeout=2
                     )
+                # Proxies, Envoys and xDS clients learn of the removal some milliseconds
+                # later; calls they send meanwhile must still be served, so the caller
+                # starts refusing new calls (its drain) only after this.
+                await asyncio.sleep(self.linger)
             except grpc.RpcError as exc:
                 # The lease expires on its own within its ttl; say so rather than fail.
                 log.warning(

@@ -48,6 +48,7 @@ class Registration:
     version: str = ""
     weight: int = 1
     ttl: float = 5.0
+    deregister_delay: float = 0.25  # new calls still taken after deregistering
 
     @classmethod
     def from_args(cls, args: Any, first_model: str) -> Registration:
@@ -70,6 +71,7 @@ class Registration:
             version=args.build_version,
             weight=args.weight,
             ttl=args.ttl,
+            deregister_delay=args.deregister_delay,
         )
 
     def registrar(
@@ -101,6 +103,7 @@ class Registration:
             ),
             ttl=self.ttl,
             identity=identity,
+            linger=self.deregister_delay,
         )
         previous = backend.on_serving_change
 
