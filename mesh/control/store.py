@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -128,7 +129,11 @@ class EmbeddedStore:
         self.path = path
         self.description = f"sqlite {path}" if path else "memory (nothing persisted)"
         self._clock = clock
-        self._leases = LeaseTable(clock)
+        # Lease ids start at a random base, not 1: after a restart of a memory store
+        # (or on a fresh SQLite file), an instance renewing the lease it held before must
+        # get found=false and register again, not renew another instance's new lease.
+        # Below 2**53, so JSON and JavaScript clients read them exactly.
+        self._leases = LeaseTable(clock, first_id=random.SystemRandom().randrange(1, 2**52))
         self._by_lease: dict[int, Key] = {}
         self._instances: dict[Key, Instance] = {}
         self._ttl: dict[Key, float] = {}
