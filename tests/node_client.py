@@ -11,7 +11,10 @@ Two ways to use it:
 
 `env` is added to this process's environment: for an `xds:///NAME` target, pass
 `{"GRPC_XDS_BOOTSTRAP": path}` (plus `GRPC_EXPERIMENTAL_XDS_WRR_LB=true` for
-weighted_round_robin). The client's packages are installed by scripts/install-node-clients.sh.
+weighted_round_robin; and `AIMESH_CACHE_ORCA_PROTO=1` so client.js parses grpc-js's ORCA proto
+once rather than at every call's end, a grpc-js 1.14.7 cost that caps a weighted_round_robin
+client at a few dozen calls a second). The client's packages are installed by
+scripts/install-node-clients.sh.
 """
 
 from __future__ import annotations

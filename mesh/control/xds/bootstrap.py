@@ -46,7 +46,12 @@ def grpc_bootstrap(
             {
                 "server_uri": cp,
                 "channel_creds": [{"type": "insecure"}],
-                "server_features": ["xds_v3"],
+                # ignore_resource_deletion (gRFC A53): a control plane restarted on an
+                # empty store answers before the sims re-register, without the client's
+                # listener and clusters; without this, the client drops them, and
+                # grpc-js-xds 1.14.1 never takes them back when they return unchanged
+                # (its cache still holds them, so no update is delivered).
+                "server_features": ["xds_v3", "ignore_resource_deletion"],
             }
             for cp in control_planes
         ],
