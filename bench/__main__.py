@@ -9,7 +9,9 @@ concurrent token streams through one proxy), `control_plane` (how fast 100 watch
 3 proxies see a change to a catalog of 1,000 instances), `observability` (proxy CPU per call
 with metrics, tracing and the audit trail on and off), `security` (proxy CPU per call and
 latency with mTLS, authorization and API keys against plaintext, and the handshake cost of
-a new connection). With no section named, all run.
+a new connection), `xds` (the same load direct, through the aimesh proxy, through Envoy on
+aimesh's xDS and proxyless grpcio on xds:///; and xDS push latency to Envoy and gRPC
+clients with 1,000 endpoints). With no section named, all run.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ SECTIONS = (
     "control_plane",
     "observability",
     "security",
+    "xds",
 )
 
 
@@ -145,6 +148,10 @@ def _section(name: str, duration: float) -> str:
         from . import security
 
         return security.run()
+    if name == "xds":
+        from . import xds
+
+        return xds.run(duration)
     from . import streams
 
     return str(streams.run())
