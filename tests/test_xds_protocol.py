@@ -98,9 +98,10 @@ def built(kind: xr.Kind, healthy: bool = True) -> xr.Resources:
             instance("gpt4-gateway-v2", 3, "us-east-1a"),
         ],
     )
-    snap, mesh = cat.snapshot, load_text(MESH)
-    endpoints = xr.Builder().endpoints(snap, mesh, lambda i: i.serving)
-    return xr.build(xr.Flavor(kind, "127.0.0.1:0"), snap, mesh, endpoints)
+    flavor = xr.Flavor(kind, "127.0.0.1:0")
+    return xr.Builder().build([flavor], cat.snapshot, load_text(MESH), lambda i: i.serving)[
+        flavor.key
+    ]
 
 
 # -- the mapping, pure -----------------------------------------------------------------
@@ -228,6 +229,26 @@ def test_versions_are_content_hashes_and_change_only_with_their_type() -> None:
     assert changed == {EDS}
 
 
+def test_the_builder_repacks_only_what_changed() -> None:
+    builder, cat, mesh = xr.Builder(), Catalog(), load_text(MESH)
+    cat.reset(1, [instance("gpt4-gateway", 1), instance("gpt4-gateway-v2", 3)])
+    flavors = [xr.Flavor("envoy", "127.0.0.1:0"), xr.Flavor("grpc")]
+    first = builder.build(flavors, cat.snapshot, mesh, lambda i: i.serving)
+    cat.apply(2, [instance("gpt4-gateway", 2)])  # one more gpt4-gateway instance
+    second = builder.build(flavors, cat.snapshot, mesh, lambda i: i.serving)
+    for f in flavors:
+        a, b = first[f.key], second[f.key]
+        assert b[EDS]["gpt4-gateway"] is not a[EDS]["gpt4-gateway"]
+        assert b[EDS]["gpt4-gateway-v2"] is a[EDS]["gpt4-gateway-v2"]  # reused as is
+        assert all(b[CDS][n] is a[CDS][n] for n in a[CDS])
+        assert b[RDS][xr.ROUTE_TABLE] is a[RDS][xr.ROUTE_TABLE]
+        assert all(b[LDS][n] is a[LDS][n] for n in a[LDS])
+    # The endpoints of both flavors are the same objects: packed once per change.
+    assert second[flavors[0].key][EDS] == second[flavors[1].key][EDS]
+    third = builder.build(flavors, cat.snapshot, load_text(MESH), lambda i: i.serving)
+    assert third["grpc"][CDS]["gpt4-gateway"] is not second["grpc"][CDS]["gpt4-gateway"]
+
+
 # -- the stream protocol, in process ----------------------------------------------------
 
 
@@ -347,6 +368,7 @@ async def test_grpc_client_subscribes_by_name_acks_and_gets_pushed_changes(
 
         await register(ch, "gpt4-gateway", 2)  # a new instance: pushed, EDS only
         pushed = await s.recv()
+        assert s.names(pushed) == {"gpt4-gateway"}
         assert pushed.type_url == EDS and pushed.version_info != eds.version_info
         cla = unpack(pushed.resources[0], endpoint_pb2.ClusterLoadAssignment)
         assert len(cla.endpoints[0].lb_endpoints) == 2
@@ -439,6 +461,29 @@ async def test_envoy_gets_wildcards_its_listener_and_eds_again_after_cds(
         s.send(EDS, ["gpt4-gateway"], version=eds.version_info, nonce=eds.nonce)
         again = await s.recv()
         assert again.type_url == EDS and s.names(again) == {"gpt4-gateway"}
+    finally:
+        s.close()
+
+
+async def test_endpoint_pushes_carry_only_the_services_that_changed(
+    cp: tuple[ControlPlaneServer, grpc.aio.Channel],
+) -> None:
+    _, ch = cp
+    await register(ch, "gpt4-gateway", 1)
+    await register(ch, "claude-gateway", 2)
+    s = AdsStream(ch, base_pb2.Node(id="app-4"))
+    try:
+        both = ["claude-gateway", "gpt4-gateway"]
+        s.send(EDS, both)
+        assert s.names(await s.recv()) == set(both)  # the first answer: everything asked
+        s.ack(EDS, both)
+        await register(ch, "gpt4-gateway", 3)
+        pushed = await s.recv()
+        assert s.names(pushed) == {"gpt4-gateway"}  # claude-gateway is unchanged: not resent
+        s.ack(EDS, both)
+        s.send(EDS, ["gpt4-gateway"], version=pushed.version_info, nonce=pushed.nonce)
+        # Not a change of any endpoints, but of the subscription: answered in full.
+        assert s.names(await s.recv()) == {"gpt4-gateway"}
     finally:
         s.close()
 

@@ -38,7 +38,6 @@ from .resources import (
     Builder,
     Flavor,
     Resources,
-    build,
     check,
     version_of,
 )
@@ -82,6 +81,7 @@ class Subscription:
     nonce: str = ""
     acked: str = ""  # the version the client last ACKed
     nack: str = ""  # the client's message on its last NACK ("" after an ACK)
+    sent: dict[str, any_pb2.Any] = field(default_factory=dict)  # as last sent, by name
     answer_next: bool = True  # the first request, and Envoy's EDS after a CDS push
 
 
@@ -132,11 +132,11 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
         """Rebuilds every flavor in use and wakes the streams whose resources changed."""
         if not self.flavors:
             return
-        snapshot, mesh = self.cp.catalog.snapshot, self.cp.mesh
-        endpoints = self.builder.endpoints(snapshot, mesh, self.cp.topology.healthy)
+        built = self.builder.build(
+            self.flavors.values(), self.cp.catalog.snapshot, self.cp.mesh, self.cp.topology.healthy
+        )
         changed = set()
-        for key, flavor in self.flavors.items():
-            resources = build(flavor, snapshot, mesh, endpoints)
+        for key, resources in built.items():
             problems = check(resources)
             old = self.published.get(key)
             if problems and old is not None:
@@ -268,7 +268,10 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
                 continue
             if not sub.wildcard and not sub.names:
                 continue
-            out.append(self._respond(stream, type_url, sub, published))
+            # Endpoints: only the services that changed. State of the world allows it for
+            # EDS (a missing one is unchanged, not deleted, unlike listeners and
+            # clusters), and Envoy then applies one service's endpoints, not the mesh's.
+            out.append(self._respond(stream, type_url, sub, published, type_url == ENDPOINT))
         return out
 
     @staticmethod
@@ -277,11 +280,21 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
         return frozenset(have) if sub.wildcard else sub.names
 
     def _respond(
-        self, stream: Stream, type_url: str, sub: Subscription, published: Published
+        self,
+        stream: Stream,
+        type_url: str,
+        sub: Subscription,
+        published: Published,
+        changed_only: bool = False,
     ) -> discovery_pb2.DiscoveryResponse:
         have = published.resources[type_url]
         names = self._names(sub, have)
-        resources: list[any_pb2.Any] = [have[n] for n in sorted(names) if n in have]
+        if not changed_only or sub.answer_next:
+            sub.sent = {}
+        # The builder reuses a packed resource until its inputs change: identity is enough.
+        fresh = {n: have[n] for n in sorted(names) if n in have and sub.sent.get(n) is not have[n]}
+        sub.sent.update(fresh)
+        resources: list[any_pb2.Any] = list(fresh.values())
         stream.nonces += 1
         sub.nonce = str(stream.nonces)
         sub.sent_version = published.versions[type_url]

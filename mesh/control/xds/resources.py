@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,6 +54,7 @@ from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 from aimesh.clients.inference import MODEL_HEADER  # what model routes match
 
 from ...config import (
+    Endpoint,
     HeaderMatch,
     MeshConfig,
     RetrySpec,
@@ -501,44 +502,130 @@ def load_assignment(
 
 
 @dataclass(slots=True)
+class _Cla:
+    instances: tuple[Instance, ...]
+    health: tuple[bool, ...]
+    static: tuple[Endpoint, ...]
+    packed: any_pb2.Any
+
+
+@dataclass(slots=True)
 class Builder:
-    """Builds a flavor's resources; keeps each service's packed ClusterLoadAssignment
-    until its endpoints change, so a registry change costs one service, not the mesh."""
+    """Builds the resources of every flavor, reusing each packed resource until what it
+    is built from changes: a registry change repacks one service's endpoints, a config
+    change the clusters and the route table. Instances and config values are immutable,
+    so "unchanged" is identity, which costs nothing to check."""
 
-    _cla: dict[str, tuple[tuple[EndpointState, ...], any_pb2.Any]] = field(default_factory=dict)
+    _cla: dict[str, _Cla] = field(default_factory=dict)
+    _clusters: dict[tuple[Kind, str], tuple[ServiceSpec | None, any_pb2.Any]] = field(
+        default_factory=dict
+    )
+    _listeners: dict[tuple[Kind, str], any_pb2.Any] = field(default_factory=dict)
+    _routes: dict[Kind, tuple[MeshConfig | None, tuple[str, ...], dict[str, str], any_pb2.Any]] = (
+        field(default_factory=dict)
+    )
 
-    def endpoints(
+    def build(
         self,
+        flavors: Iterable[Flavor],
         snapshot: Snapshot,
         config: MeshConfig | None,
         healthy: Callable[[Instance], bool],
-    ) -> dict[str, any_pb2.Any]:
-        states: dict[str, list[EndpointState]] = {}
+    ) -> dict[str, Resources]:
+        """Flavor key -> its resources."""
+        grouped: dict[str, list[Instance]] = {}
         for inst in snapshot.instances.values():
-            states.setdefault(inst.service, []).append(
-                EndpointState(inst.address, inst.zone, inst.weight, healthy(inst))
-            )
-        for spec in config.services if config is not None else ():
-            for ep in spec.endpoints:  # static endpoints from the YAML: always in
-                states.setdefault(spec.name, []).append(
-                    EndpointState(ep.address, ep.zone, ep.weight, True)
-                )
-        out: dict[str, any_pb2.Any] = {}
-        for service in services_of(snapshot, config):
-            key = tuple(sorted(states.get(service, ()), key=lambda e: (e.zone, e.address)))
-            cached = self._cla.get(service)
-            if cached is None or cached[0] != key:
-                cached = (key, _any(load_assignment(service, key)))
-                self._cla[service] = cached
-            out[service] = cached[1]
-        for gone in set(self._cla) - set(out):
+            grouped.setdefault(inst.service, []).append(inst)
+        services = services_of(grouped, config)
+        models = models_of(snapshot, config)
+        specs = {s.name: s for s in config.services} if config is not None else {}
+        endpoints = {
+            s: self._endpoints(s, grouped.get(s, ()), specs.get(s), healthy) for s in services
+        }
+        for gone in set(self._cla) - set(endpoints):
             del self._cla[gone]
+        return {
+            flavor.key: {
+                LISTENER: self._listeners_of(flavor, services),
+                ROUTE: {ROUTE_TABLE: self._route_table(flavor.kind, config, services, models)},
+                CLUSTER: {s: self._cluster(flavor.kind, s, specs.get(s)) for s in services},
+                ENDPOINT: endpoints,
+            }
+            for flavor in flavors
+        }
+
+    def _endpoints(
+        self,
+        service: str,
+        instances: Sequence[Instance],
+        spec: ServiceSpec | None,
+        healthy: Callable[[Instance], bool],
+    ) -> any_pb2.Any:
+        health = tuple(healthy(i) for i in instances)
+        static = spec.endpoints if spec is not None else ()
+        cached = self._cla.get(service)
+        if (
+            cached is not None
+            and cached.static is static
+            and cached.health == health
+            and len(cached.instances) == len(instances)
+            and all(a is b for a, b in zip(cached.instances, instances, strict=True))
+        ):
+            return cached.packed
+        states = [
+            EndpointState(i.address, i.zone, i.weight, ok)
+            for i, ok in zip(instances, health, strict=True)
+        ]
+        # Static endpoints from the YAML: always in.
+        states += [EndpointState(ep.address, ep.zone, ep.weight, True) for ep in static]
+        packed = _any(load_assignment(service, states))
+        self._cla[service] = _Cla(tuple(instances), health, static, packed)
+        return packed
+
+    def _cluster(self, kind: Kind, service: str, spec: ServiceSpec | None) -> any_pb2.Any:
+        cached = self._clusters.get((kind, service))
+        if cached is None or cached[0] is not spec:
+            cached = (spec, _any(cluster(spec or ServiceSpec(name=service), kind)))
+            self._clusters[(kind, service)] = cached
+        return cached[1]
+
+    def _listeners_of(self, flavor: Flavor, services: Sequence[str]) -> dict[str, any_pb2.Any]:
+        if flavor.kind == "envoy":
+            names = {GATEWAY_LISTENER: flavor.listen}
+        else:
+            names = {name: name for name in (DEFAULT_NAME, *services)}
+        out = {}
+        for name, arg in names.items():
+            packed = self._listeners.get((flavor.kind, arg))
+            if packed is None:
+                msg = gateway_listener(arg) if flavor.kind == "envoy" else api_listener(arg)
+                packed = self._listeners[(flavor.kind, arg)] = _any(msg)
+            out[name] = packed
         return out
 
+    def _route_table(
+        self,
+        kind: Kind,
+        config: MeshConfig | None,
+        services: Sequence[str],
+        models: Mapping[str, str],
+    ) -> any_pb2.Any:
+        cached = self._routes.get(kind)
+        if (
+            cached is None
+            or cached[0] is not config
+            or cached[1] != tuple(services)
+            or cached[2] != models
+        ):
+            packed = _any(route_table(config, services, models, kind))
+            cached = (config, tuple(services), dict(models), packed)
+            self._routes[kind] = cached
+        return cached[3]
 
-def services_of(snapshot: Snapshot, config: MeshConfig | None) -> list[str]:
+
+def services_of(grouped: Mapping[str, Sequence[Instance]], config: MeshConfig | None) -> list[str]:
     """Every service a route may name: registered, configured, or a destination."""
-    names = {inst.service for inst in snapshot.instances.values()}
+    names = set(grouped)
     if config is not None:
         names.update(s.name for s in config.services)
         for p in config.traffic_policies:
@@ -553,34 +640,6 @@ def models_of(snapshot: Snapshot, config: MeshConfig | None) -> dict[str, str]:
         for m in spec.models:
             models.setdefault(m, spec.name)
     return models
-
-
-def build(
-    flavor: Flavor,
-    snapshot: Snapshot,
-    config: MeshConfig | None,
-    endpoints: dict[str, any_pb2.Any],
-) -> Resources:
-    services = services_of(snapshot, config)
-    specs = {s.name: s for s in config.services} if config is not None else {}
-    listeners: dict[str, any_pb2.Any] = {}
-    if flavor.kind == "envoy":
-        listeners[GATEWAY_LISTENER] = _any(gateway_listener(flavor.listen))
-    else:
-        for name in (DEFAULT_NAME, *services):
-            listeners[name] = _any(api_listener(name))
-    return {
-        LISTENER: listeners,
-        ROUTE: {
-            ROUTE_TABLE: _any(
-                route_table(config, services, models_of(snapshot, config), flavor.kind)
-            )
-        },
-        CLUSTER: {
-            s: _any(cluster(specs.get(s) or ServiceSpec(name=s), flavor.kind)) for s in services
-        },
-        ENDPOINT: endpoints,
-    }
 
 
 def check(resources: Resources) -> list[str]:
