@@ -248,6 +248,21 @@ class IdentityService(pb_grpc.IdentityServicer):
             f"token; {_TOKEN_HINT}",
         )
 
+    def reload_ca(self, directory: str, trust_domain: str) -> str:
+        """Replaces the CA with the one now in `directory` (after `aimesh identity root
+        prepare|rotate`; the control plane calls this on SIGHUP); returns what changed.
+        Raises ValueError, keeping the current CA, when the directory does not load or
+        holds another trust domain. The new trust bundle is served at once (GetTrustBundle,
+        every SignCertificate) and reaches workloads at their next renewal."""
+        ca = load_ca(directory, trust_domain, clock=self.clock)
+        ca.min_leaf_lifetime = self.ca.min_leaf_lifetime
+        before = self.ca.trust_bundle().count("BEGIN CERTIFICATE")
+        switched = ca.root_pem != self.ca.root_pem
+        self.ca = ca
+        roots = ca.trust_bundle().count("BEGIN CERTIFICATE")
+        signer = "a new root signs" if switched else "same signing root"
+        return f"{signer}; trust bundle of {roots} root(s) (was {before})"
+
     async def GetTrustBundle(  # noqa: N802 (gRPC method name)
         self, request: pb.GetTrustBundleRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.TrustBundle:
@@ -273,16 +288,23 @@ def load_or_create_ca(
     from pathlib import Path
 
     if (Path(directory) / "ca.json").exists():
-        ca = CertificateAuthority.load(directory, clock=clock)
-        if ca.trust_domain != trust_domain:
-            raise ValueError(
-                f"{directory} holds the CA of trust domain {ca.trust_domain!r}, not "
-                f"{trust_domain!r}; pass --trust-domain {ca.trust_domain} or another --ca-dir"
-            )
-        return ca, False
+        return load_ca(directory, trust_domain, clock=clock), False
     ca = CertificateAuthority.create(trust_domain, clock=clock)
     ca.to_pem_files(directory)
     return ca, True
 
 
-__all__ = ["SERVICE", "IdentityService", "load_or_create_ca", "uri_sans"]
+def load_ca(
+    directory: str, trust_domain: str, *, clock: Callable[[], float] = time.time
+) -> CertificateAuthority:
+    """The CA in `directory` (never creates one); ValueError if it is of another trust domain."""
+    ca = CertificateAuthority.load(directory, clock=clock)
+    if ca.trust_domain != trust_domain:
+        raise ValueError(
+            f"{directory} holds the CA of trust domain {ca.trust_domain!r}, not "
+            f"{trust_domain!r}; pass --trust-domain {ca.trust_domain} or another --ca-dir"
+        )
+    return ca
+
+
+__all__ = ["SERVICE", "IdentityService", "load_ca", "load_or_create_ca", "uri_sans"]

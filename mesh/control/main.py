@@ -1,10 +1,12 @@
-"""`aimesh control-plane`: serve the registry, config and status until SIGTERM."""
+"""`aimesh control-plane`: serve the registry, config and status until SIGTERM; SIGHUP
+reloads the mesh CA from --ca-dir (after `aimesh identity root prepare|rotate`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +23,7 @@ from .server import ControlPlane, ControlPlaneServer
 
 if TYPE_CHECKING:
     from ..security.cli import CaFlags
+    from .identity import IdentityService
 from .store import EmbeddedStore, Store
 
 
@@ -79,6 +82,20 @@ def admin_routes(cp: ControlPlane, server: ControlPlaneServer) -> dict[str, obje
         "/config": config,
         "/xds": lambda: json_response(server.xds.describe()),  # streams, versions, NACKs
     }
+
+
+def reload_ca(identity: IdentityService | None, ca_dir: str | None, trust_domain: str) -> None:
+    """SIGHUP: the CA directory again (a root rotation step); a directory that does not
+    load is rejected whole and the running CA stays."""
+    if identity is None or ca_dir is None:
+        message = "SIGHUP ignored: no --ca-dir"
+    else:
+        try:
+            change = identity.reload_ca(ca_dir, trust_domain)
+            message = f"reloaded the mesh CA from {ca_dir}: {change}"
+        except (ValueError, OSError) as exc:
+            message = f"CA reload rejected, keeping the current CA: {exc}"
+    print(f"aimesh control-plane: {message}", file=sys.stderr, flush=True)
 
 
 async def run(
@@ -158,6 +175,9 @@ async def run(
     print("; ".join(parts), flush=True)
     stop = asyncio.Event()
     stop_on_signals(stop)
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGHUP, reload_ca, identity, ca.ca_dir if ca else None, ca.trust_domain if ca else ""
+    )
     await stop.wait()
     print("aimesh control-plane: stopping", file=sys.stderr, flush=True)
     if dns_server is not None:

@@ -476,6 +476,15 @@ class CertificateAuthority:
         return self._pending is not None
 
     @property
+    def next_root_pem(self) -> str | None:
+        """The prepared next root (in the bundle, not signing yet), if any."""
+        return _pem(self._pending.root) if self._pending is not None else None
+
+    @property
+    def next_intermediate_pem(self) -> str | None:
+        return _pem(self._pending.intermediate) if self._pending is not None else None
+
+    @property
     def retired_roots(self) -> tuple[RetiredRoot, ...]:
         now = self._clock()
         return tuple(r for r in self._retired if r.trusted_until > now)
@@ -708,30 +717,33 @@ class CertificateAuthority:
     def to_pem_files(
         self, directory: str | os.PathLike[str], *, passphrase: bytes | None = None
     ) -> None:
-        """Writes the CA to `directory` (created 0700 if missing); keys are 0600."""
+        """Writes the CA to `directory` (created 0700 if missing); keys are 0600.
+
+        Each file is replaced atomically (and synced); across files the order keeps every
+        crash point safe to load: `ca.json` first (a root retired by `rotate_root` is
+        recorded before it stops being current), a generation's `root.pem` last (`load`
+        looks for it), and stale files (a finished rotation's `next-*`) removed at the end,
+        so no key is lost; `load` ignores a leftover `next-*` equal to the current root.
+        """
         out = Path(directory)
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         files: dict[str, tuple[str, bool]] = {}
+        stale: list[str] = []
 
         def generation(prefix: str, gen: _Generation | None) -> None:
-            names = [f"{prefix}root.pem", f"{prefix}root.key", f"{prefix}intermediate.pem"]
-            names.append(f"{prefix}intermediate.key")
+            names = [f"{prefix}intermediate.key", f"{prefix}intermediate.pem"]
+            names += [f"{prefix}root.key", f"{prefix}root.pem"]
             if gen is None:
-                for name in names:
-                    (out / name).unlink(missing_ok=True)
+                stale.extend(names)
                 return
-            files[names[0]] = (_pem(gen.root), False)
+            files[names[0]] = (private_key_pem(gen.intermediate_key, passphrase), True)
+            files[names[1]] = (_pem(gen.intermediate), False)
             if gen.root_key is not None:
-                files[names[1]] = (private_key_pem(gen.root_key, passphrase), True)
+                files[names[2]] = (private_key_pem(gen.root_key, passphrase), True)
             else:
-                (out / names[1]).unlink(missing_ok=True)
-            files[names[2]] = (_pem(gen.intermediate), False)
-            files[names[3]] = (private_key_pem(gen.intermediate_key, passphrase), True)
+                stale.append(names[2])
+            files[names[3]] = (_pem(gen.root), False)
 
-        generation("", self._current)
-        generation("next-", self._pending)
-        files["token.secret"] = (self.token_secret.hex() + "\n", True)
-        files["bundle.pem"] = (self.trust_bundle(), False)
         state = {
             "version": _STATE_VERSION,
             "trustDomain": self.trust_domain,
@@ -744,8 +756,14 @@ class CertificateAuthority:
             ],
         }
         files["ca.json"] = (json.dumps(state, indent=2) + "\n", False)
+        files["token.secret"] = (self.token_secret.hex() + "\n", True)
+        generation("next-", self._pending)
+        generation("", self._current)
+        files["bundle.pem"] = (self.trust_bundle(), False)
         for name, (text, secret) in files.items():
             _write(out / name, text, 0o600 if secret else 0o644)
+        for name in reversed(stale):  # a generation's root.pem first: it marks one
+            (out / name).unlink(missing_ok=True)
 
     @classmethod
     def load(
@@ -767,6 +785,10 @@ class CertificateAuthority:
         if not isinstance(trust_domain, str) or state.get("keyType") not in KEY_TYPES:
             raise ValueError(f"{src / 'ca.json'}: trustDomain or keyType is missing or invalid")
 
+        def key_of(cert: x509.Certificate, key: PrivateKey, stem: str) -> None:
+            if _spki(cert.public_key()) != _spki(key.public_key()):
+                raise ValueError(f"{src / (stem + '.key')} does not belong to {stem}.pem")
+
         def generation(prefix: str) -> _Generation | None:
             if not (src / f"{prefix}root.pem").exists():
                 return None
@@ -774,10 +796,10 @@ class CertificateAuthority:
             root_key = None
             if (src / f"{prefix}root.key").exists():
                 root_key = load_private_key(_read(src / f"{prefix}root.key"), passphrase)
-                _check_key_matches(root, root_key, f"{prefix}root")
+                key_of(root, root_key, f"{prefix}root")
             inter = load_certificate(_read(src / f"{prefix}intermediate.pem", secret=False))
             inter_key = load_private_key(_read(src / f"{prefix}intermediate.key"), passphrase)
-            _check_key_matches(inter, inter_key, f"{prefix}intermediate")
+            key_of(inter, inter_key, f"{prefix}intermediate")
             try:
                 inter.verify_directly_issued_by(root)
             except (ValueError, TypeError, InvalidSignature):
@@ -790,6 +812,9 @@ class CertificateAuthority:
         current = generation("")
         if current is None:
             raise ValueError(f"{src / 'root.pem'}: missing")
+        pending = generation("next-")
+        if pending is not None and pending.root == current.root:
+            pending = None  # a rotation whose write stopped before removing next-*
         try:
             secret = bytes.fromhex(_read(src / "token.secret").strip())
         except ValueError as exc:
@@ -810,7 +835,7 @@ class CertificateAuthority:
                 clock=clock,
                 key_type=key_type,
                 token_secret=secret,
-                pending=generation("next-"),
+                pending=pending,
                 retired=retired,
                 leaf_not_after=float(leaf_not_after) if leaf_not_after is not None else None,
                 intermediate_lifetime=lifetime,
@@ -827,6 +852,8 @@ def _write(path: Path, text: str, mode: int) -> None:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

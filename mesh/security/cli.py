@@ -1,16 +1,22 @@
-"""CLI pieces for mesh identity: `aimesh identity token` and `aimesh identity issue`, the
-control plane's CA flags, and the mTLS flags of `aimesh proxy` and the backends (sim and
-provider adapters)."""
+"""CLI pieces for mesh identity: `aimesh identity token`, `aimesh identity issue` and
+`aimesh identity root status|prepare|rotate` (trust-bundle rotation), the control plane's CA
+flags, and the mTLS flags of `aimesh proxy` and the backends (sim and provider adapters)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..units import parse_duration
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from .ca import CertificateAuthority
 
 DEFAULT_TRUST_DOMAIN = "aimesh.local"
 MODES = ("DISABLE", "PERMISSIVE", "STRICT")
@@ -108,17 +114,64 @@ def add_parsers(sub: Any) -> None:
     issue.add_argument(
         "--lifetime", type=_duration, default=86400.0, help="1m to 30d (default 24h)"
     )
+    root = isub.add_parser(
+        "root",
+        help="trust-bundle (root) rotation with an overlap: status, prepare, rotate",
+        description="Replace the mesh CA's root without any peer seeing a certificate it "
+        "cannot verify: `prepare` (the next root joins the trust bundle), wait one "
+        "certificate lifetime, `rotate` (signing switches; the old root stays trusted for "
+        "the overlap). After each step, SIGHUP the control plane (or restart it).",
+    )
+    rsub = root.add_subparsers(dest="root_cmd", metavar="STEP", required=True)
+    _ca_dir(rsub.add_parser("status", help="the roots in the trust bundle and which one signs"))
+    prepare = rsub.add_parser(
+        "prepare", help="step 1: the next root joins the trust bundle; signing is unchanged"
+    )
+    _ca_dir(prepare)
+    prepare.add_argument(
+        "--root-cert", metavar="PEM", help="the operator's next root CA certificate (file)"
+    )
+    prepare.add_argument(
+        "--root-key", metavar="PEM", help="its private key (file; used once, not kept)"
+    )
+    rotate = rsub.add_parser(
+        "rotate",
+        help="step 3: signing switches to the prepared root; the old one stays trusted for "
+        "the overlap",
+    )
+    _ca_dir(rotate)
+    rotate.add_argument(
+        "--overlap",
+        type=_duration,
+        default=None,
+        help="how long the old root stays in the trust bundle (default "
+        f"{_DEFAULT_OVERLAP_TEXT}: a default certificate lifetime plus clock skew; at least "
+        "the control plane's --cert-lifetime)",
+    )
+
+
+def _ca_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ca-dir", required=True, metavar="DIR", help="the control plane's CA")
 
 
 def _ca_and_id(p: argparse.ArgumentParser, id_help: str) -> None:
-    p.add_argument("--ca-dir", required=True, metavar="DIR", help="the control plane's CA")
+    _ca_dir(p)
     p.add_argument("--id", required=True, dest="grant", metavar="SPIFFE_ID", help=id_help)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .ca import CertificateAuthority
 
-    prog = f"aimesh identity {args.identity_cmd}"
+    prog = f"aimesh identity {args.identity_cmd} {getattr(args, 'root_cmd', '')}".rstrip()
+    if not (Path(args.ca_dir) / "ca.json").is_file():
+        print(
+            f"{prog}: {args.ca_dir} holds no mesh CA (no ca.json); pass the directory the "
+            "control plane runs with --ca-dir (it creates the CA there on first start)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         ca = CertificateAuthority.load(args.ca_dir)
     except (ValueError, OSError) as exc:
@@ -127,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.identity_cmd == "issue":
             _issue(ca, args.grant, args.out, args.lifetime)
+        elif args.identity_cmd == "root":
+            _root(ca, args)
         else:
             from .tokens import issue_join_token
 
@@ -135,6 +190,169 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+_DEFAULT_OVERLAP_TEXT = "24h1m"
+_RELOAD = (
+    "reload the control plane: kill -HUP <its pid> (or restart it); it serves the new "
+    "trust bundle at once, and workloads get it at their next renewal"
+)
+
+
+def _root(ca: CertificateAuthority, args: argparse.Namespace) -> None:
+    """`aimesh identity root status|prepare|rotate` on the CA loaded from --ca-dir."""
+    from .ca import CLOCK_SKEW, DEFAULT_LEAF_LIFETIME
+
+    d = args.ca_dir
+    if args.root_cmd == "status":
+        _root_status(ca, d)
+        return
+    if args.root_cmd == "prepare":
+        if ca.rotation_prepared:
+            raise ValueError(
+                f"a root rotation is already prepared (next root {_describe(ca.next_root_pem)});"
+                f" finish it with: aimesh identity root rotate --ca-dir {d}"
+            )
+        if bool(args.root_cert) != bool(args.root_key):
+            raise ValueError("pass both --root-cert and --root-key, or neither")
+        if ca.operator_root and not args.root_cert:
+            raise ValueError(
+                "this CA's root is the operator's and its key is not kept: pass the next "
+                "root with --root-cert PEM --root-key PEM"
+            )
+        ca.prepare_root_rotation(
+            root_cert_pem=_read_file(args.root_cert, "--root-cert"),
+            root_key_pem=_read_file(args.root_key, "--root-key"),
+        )
+        ca.to_pem_files(d)
+        bundle = ca.trust_bundle().count("BEGIN CERTIFICATE")
+        print(f"prepared the next root {_describe(ca.next_root_pem)}")
+        print(f"the trust bundle now holds {bundle} roots: {d}/bundle.pem")
+        print(f"signing is unchanged: root {_describe(ca.root_pem)}")
+        print("next:")
+        print(f"  1. {_RELOAD}")
+        print(
+            "  2. wait one certificate lifetime (24h by default: the control plane's "
+            "--cert-lifetime), so every workload holds the new root"
+        )
+        print(f"  3. aimesh identity root rotate --ca-dir {d}")
+        return
+    if not ca.rotation_prepared:
+        raise ValueError(
+            "no root rotation is prepared: first aimesh identity root prepare --ca-dir "
+            f"{d}, reload the control plane and wait one certificate lifetime, so "
+            "workloads trust the next root before any certificate is signed under it"
+        )
+    prepared = _prepared_at(ca.next_intermediate_pem)
+    waited = time.time() - prepared
+    if waited < DEFAULT_LEAF_LIFETIME:
+        print(
+            f"warning: the rotation was prepared only {_ago(waited)} ago; workloads that "
+            "have not renewed since then do not trust the new root yet",
+            file=sys.stderr,
+        )
+    old = ca.root_pem
+    overlap = args.overlap if args.overlap is not None else DEFAULT_LEAF_LIFETIME + CLOCK_SKEW
+    ca.rotate_root(overlap=overlap)
+    ca.to_pem_files(d)
+    until = max((r.trusted_until for r in ca.retired_roots), default=time.time())
+    print(f"signing switched to root {_describe(ca.root_pem)}")
+    print(
+        f"the old root {_describe(old)} stays trusted until {_at(until)} (overlap {_ago(overlap)})"
+    )
+    print("next:")
+    print(f"  1. {_RELOAD}")
+    print(
+        "  2. workloads get certificates under the new root at their next renewal (within "
+        "one certificate lifetime)"
+    )
+    print(
+        f"  3. at {_at(until)} the old root leaves the trust bundle by itself; a certificate "
+        "still under it is then rejected"
+    )
+
+
+def _root_status(ca: CertificateAuthority, d: str) -> None:
+    now = time.time()
+    bundle = ca.trust_bundle().count("BEGIN CERTIFICATE")
+    print(f"mesh CA of trust domain {ca.trust_domain} in {d}: {bundle} root(s) in the trust bundle")
+    print(f"current root (signs now): {_describe(ca.root_pem)}")
+    print(f"  intermediate: {_describe(ca.intermediate_pem)}")
+    if ca.next_root_pem is None:
+        print("prepared next root: none")
+    else:
+        prepared = _prepared_at(ca.next_intermediate_pem)
+        print(f"prepared next root (trusted, not signing): {_describe(ca.next_root_pem)}")
+        print(f"  prepared at {_at(prepared)} ({_ago(now - prepared)} ago)")
+    retired = ca.retired_roots
+    if not retired:
+        print("retired roots still trusted: none")
+    for r in retired:
+        pem = _cert_pem(r.certificate)
+        print(f"retired root still trusted: {_describe(pem)}")
+        print(f"  trusted until {_at(r.trusted_until)} (in {_ago(r.trusted_until - now)})")
+    if ca.next_root_pem is not None:
+        print(
+            "next: once every workload renewed since the prepare (one certificate lifetime): "
+            f"aimesh identity root rotate --ca-dir {d}"
+        )
+    elif not retired:
+        print(f"to rotate the root: aimesh identity root prepare --ca-dir {d}")
+
+
+def _read_file(path: str | None, flag: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+
+def _cert_pem(cert: x509.Certificate) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    return str(cert.public_bytes(serialization.Encoding.PEM).decode())
+
+
+def _describe(pem: str | None) -> str:
+    """'CN (sha256 AB:..., valid until ...)' of a certificate."""
+    from cryptography.hazmat.primitives import hashes
+
+    from .spiffe import load_certificate
+
+    if pem is None:
+        return "none"
+    cert = load_certificate(pem)
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    name = cert.subject.rfc4514_string()
+    return (
+        f"{name} (sha256 {fingerprint}, valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ})"
+    )
+
+
+def _prepared_at(intermediate_pem: str | None) -> float:
+    """When a rotation was prepared: its intermediate is valid from then minus clock skew."""
+    from .ca import CLOCK_SKEW
+    from .spiffe import load_certificate
+
+    assert intermediate_pem is not None
+    return load_certificate(intermediate_pem).not_valid_before_utc.timestamp() + CLOCK_SKEW
+
+
+def _at(t: float) -> str:
+    import datetime as dt
+
+    return f"{dt.datetime.fromtimestamp(t, tz=dt.UTC):%Y-%m-%d %H:%M:%SZ}"
+
+
+def _ago(seconds: float) -> str:
+    """A duration as 1h2m3s (whole seconds)."""
+    s = max(round(seconds), 0)
+    parts = [(s // 3600, "h"), (s % 3600 // 60, "m"), (s % 60, "s")]
+    text = "".join(f"{n}{unit}" for n, unit in parts if n)
+    return text or "0s"
 
 
 def _issue(ca: Any, spiffe_id: str, out: str, lifetime: float) -> None:
