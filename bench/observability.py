@@ -217,8 +217,7 @@ def _start_proxy(
     proxy = procs.start(f"proxy-{setup.key}", argv)
     admin = None
     if setup.metrics:
-        line = procs.wait_for_output(proxy, "admin on http://")
-        admin = line.split("admin on http://", 1)[1].split("/", 1)[0]
+        admin = procs.admin_url(proxy).removeprefix("http://")
     return proxy, admin
 
 

@@ -233,19 +233,13 @@ class _Env:
         from aimesh.mesh.security.workload import WorkloadIdentity
 
         print("  starting the control plane (mesh CA) and 4 sims", flush=True)
-        self.cp = procs.start(
-            "sec-control-plane",
-            procs.aimesh_command(
-                "control-plane",
-                "--listen",
-                "127.0.0.1:0",
-                "--store",
-                "memory",
-                "--ca-dir",
-                str(self.ca_dir),
-                "--trust-domain",
-                TD,
-            ),
+        self.cp = procs.start_control_plane(
+            "--ca-dir",
+            str(self.ca_dir),
+            "--trust-domain",
+            TD,
+            name="sec-control-plane",
+            admin=False,
             env=self.env,
         )
         self.procs.append(self.cp)

@@ -697,18 +697,7 @@ async def _run(
     keepalive: KeepAlive | None = None
     ads: AdsClient | None = None
     try:
-        cp = procs.start(
-            "control-plane",
-            procs.aimesh_command(
-                "control-plane",
-                "--listen",
-                "127.0.0.1:0",
-                "--store",
-                "memory",
-                "--admin",
-                "127.0.0.1:0",
-            ),
-        )
+        cp = procs.start_control_plane()
         started.append(cp)
         print(f"control plane {cp.address} (pid {cp.pid})", flush=True)
         doc = work / "a.yaml"

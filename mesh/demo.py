@@ -152,24 +152,12 @@ def run_demo(host: str = "127.0.0.1", once: bool = False) -> int:
     running: list[procs.Proc] = []
     try:
         print("aimesh demo: starting the control plane ...", flush=True)
-        cp = procs.start(
-            "control-plane",
-            procs.aimesh_command(
-                "control-plane",
-                "--listen",
-                f"{host}:0",
-                "--store",
-                f"sqlite:{workdir / 'control-plane.db'}",
-                "--admin",
-                f"{host}:0",
-                "--dns",
-                f"{host}:0",
-            ),
+        cp = procs.start_control_plane(
+            "--dns", f"{host}:0", host=host, store=f"sqlite:{workdir / 'control-plane.db'}"
         )
         running.append(cp)
         print(f"  {cp.output[-1].strip()}", flush=True)
-        cp_admin = procs.wait_for_output(cp, "admin on").split("admin on ", 1)[1].split(";")[0]
-        dashboard = cp_admin.replace("/topology", "/")
+        dashboard = procs.admin_url(cp) + "/"
         specs = [
             (f"{service}-{i}", service, model, version)
             for service, model, count, version in FLEET
@@ -227,7 +215,7 @@ def run_demo(host: str = "127.0.0.1", once: bool = False) -> int:
             ),
         )
         running.append(gateway)
-        admin = procs.wait_for_output(gateway, "admin on").split("admin on ", 1)[1].split(";")[0]
+        admin = procs.admin_url(gateway) + "/clusters"
         print(f"\ngateway proxy on {gateway.address} (admin {admin}), following {cp.address}")
 
         target = gateway.address

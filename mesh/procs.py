@@ -129,3 +129,31 @@ def start_sim(
     for m in models:
         args += ["--model", m]
     return start(name, aimesh_command(*args, *extra), timeout=timeout, env=env)
+
+
+def start_control_plane(
+    *extra: str,
+    host: str = "127.0.0.1",
+    store: str = "memory",
+    admin: bool = True,
+    name: str = "control-plane",
+    timeout: float = 20.0,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """`aimesh control-plane` on a free port of `host` (`--listen HOST:PORT` in `extra`
+    to choose one), with its admin port when `admin` (see `admin_url`)."""
+    args = ["control-plane", "--store", store]
+    if not any(a == "--listen" for a in extra):
+        args += ["--listen", f"{host}:0"]
+    if admin:
+        args += ["--admin", f"{host}:0"]
+    return start(name, aimesh_command(*args, *extra), timeout=timeout, env=env)
+
+
+def admin_url(proc: Proc) -> str:
+    """The base URL (http://HOST:PORT) of a control plane's or proxy's admin port, from the
+    `admin on http://...` part of its startup line."""
+    line = wait_for_output(proc, "admin on ")
+    url = line.split("admin on ", 1)[1].split(";", 1)[0].strip()
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 CLIENT_JS = NODE_DIR / "client.js"
@@ -111,13 +111,45 @@ def node_binary() -> str | None:
     return shutil.which("node")
 
 
+def require_client() -> str:
+    """`node`'s path, with tests/node's packages installed (scripts/install-node-clients.sh
+    if need be); skips the test when there is no Node.js, fails it when npm cannot install."""
+    import pytest
+
+    from .support import installed
+
+    found, output = installed(client_installed, "install-node-clients.sh")
+    if found:
+        return found
+    if node_binary() is None:
+        pytest.skip(f"node is not installed (scripts/install-node-clients.sh: {output})")
+    pytest.fail(
+        f"scripts/install-node-clients.sh could not install tests/node's packages:\n{output}"
+    )
+
+
 def client_installed() -> str | None:
     """`node`'s path when client.js can run (node on PATH, tests/node's packages installed)."""
     node = node_binary()
     return node if node and _INSTALLED_MARK.is_file() else None
 
 
-def client_command(
+@dataclass(frozen=True)
+class Program:
+    """One of the JSON-lines call runners: client.js here, the grpcio one in
+    tests/xds_grpc_client.py. Both take the same options and print the same lines."""
+
+    name: str  # for messages: "client.js"
+    argv: tuple[str, ...]  # the program, before its options
+    cwd: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def node_program(node: str | None = None) -> Program:
+    return Program("client.js", (node or node_binary() or "node", str(CLIENT_JS)), NODE_DIR)
+
+
+def client_options(
     target: str,
     *,
     calls: int = 1,
@@ -130,12 +162,9 @@ def client_command(
     interval_ms: int = 0,
     headers: Mapping[str, str] | None = None,
     wait_for_ready: bool = False,
-    node: str | None = None,
 ) -> list[str]:
-    """The command line that runs client.js with these options."""
+    """The options every runner takes."""
     argv = [
-        node or node_binary() or "node",
-        str(CLIENT_JS),
         "--target",
         target,
         "--calls",
@@ -162,8 +191,13 @@ def client_command(
     return argv
 
 
-def _environment(env: Mapping[str, str] | None) -> dict[str, str]:
-    return {**os.environ, **(env or {})}
+def client_command(target: str, *, node: str | None = None, **options: Any) -> list[str]:
+    """The command line that runs client.js with these options."""
+    return [*node_program(node).argv, *client_options(target, **options)]
+
+
+def _environment(program: Program, env: Mapping[str, str] | None) -> dict[str, str]:
+    return {**os.environ, **program.env, **(env or {})}
 
 
 def parse_lines(lines: Sequence[str]) -> tuple[bool, list[CallRecord], Summary | None]:
@@ -203,33 +237,36 @@ def run_calls(
     env: Mapping[str, str] | None = None,
     *,
     timeout: float = 60.0,
+    program: Program | None = None,
     **options: Any,
 ) -> Summary:
-    """Makes `n` calls (n >= 1) to `target` with client.js and returns the summary, with each
-    call's record. `options` are `client_command`'s (method, concurrency, deadline_ms, ...).
-    Raises NodeClientError when the client fails to start or prints no summary."""
+    """Makes `n` calls (n >= 1) to `target` with `program` (default client.js) and returns
+    the summary, with each call's record. `options` are `client_options`' (method,
+    concurrency, deadline_ms, ...). Raises NodeClientError when the client fails to start
+    or prints no summary."""
     if n < 1:
         raise ValueError("run_calls needs n >= 1 (NodeClient.start runs until stopped)")
-    argv = client_command(target, calls=n, **options)
+    program = program or node_program()
     try:
         proc = subprocess.run(
-            argv,
+            [*program.argv, *client_options(target, calls=n, **options)],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=_environment(env),
-            cwd=NODE_DIR,
+            env=_environment(program, env),
+            cwd=program.cwd,
         )
     except subprocess.TimeoutExpired as exc:
         raise NodeClientError(
-            f"client.js did not finish {n} calls within {timeout:g}s; stderr:\n{_text(exc.stderr)}"
+            f"{program.name} did not finish {n} calls within {timeout:g}s; stderr:\n"
+            f"{_text(exc.stderr)}"
         ) from exc
     _, records, summary = parse_lines(proc.stdout.splitlines())
     if summary is None or proc.returncode != 0:
         raise NodeClientError(
-            f"client.js exited with code {proc.returncode} without a summary; "
-            f"stderr:\n{proc.stderr}\nstdout:\n{proc.stdout}"
+            f"{program.name} exited with code {proc.returncode} without a summary; "
+            f"stderr:\n{proc.stderr}\nstdout:\n{proc.stdout[-4000:]}"
         )
     summary.records = records
     summary.stderr = proc.stderr
@@ -274,20 +311,22 @@ class NodeClient:
         env: Mapping[str, str] | None = None,
         *,
         calls: int = 0,
+        program: Program | None = None,
         **options: Any,
-    ) -> NodeClient:
-        """Starts client.js on `target`; with calls=0 (the default) it calls until `stop()`.
-        `options` are `client_command`'s (method, concurrency, interval_ms, ...)."""
-        argv = client_command(target, calls=calls, **options)
+    ) -> Self:
+        """Starts `program` (default client.js) on `target`; with calls=0 (the default) it
+        calls until `stop()`. `options` are `client_options`' (method, concurrency,
+        interval_ms, ...)."""
+        program = program or node_program()
         popen = subprocess.Popen(
-            argv,
+            [*program.argv, *client_options(target, calls=calls, **options)],
             stdin=subprocess.PIPE,  # closing it is the graceful stop
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
-            env=_environment(env),
-            cwd=NODE_DIR,
+            env=_environment(program, env),
+            cwd=program.cwd,
             start_new_session=True,  # a Ctrl-C in the terminal reaches the parent only
         )
         return cls(popen)
@@ -442,7 +481,7 @@ class NodeClient:
             self.popen.kill()
         self.popen.wait()
 
-    def __enter__(self) -> NodeClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

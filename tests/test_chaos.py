@@ -87,7 +87,7 @@ def _proxy(tmp_path: Path, text: str, *flags: str) -> procs.Proc:
 
 
 def _admin(proxy: procs.Proc, path: str) -> object:
-    url = procs.wait_for_output(proxy, "admin on").split("admin on ", 1)[1].split("/clusters")[0]
+    url = procs.admin_url(proxy)
     with urllib.request.urlopen(url + path, timeout=5) as r:
         return json.load(r)
 

@@ -298,21 +298,8 @@ class CpProcess:
 @pytest.fixture(scope="module")
 def strict_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CpProcess]:
     ca_dir = tmp_path_factory.mktemp("strict") / "ca"
-    proc = procs.start(
-        "control-plane",
-        procs.aimesh_command(
-            "control-plane",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            "memory",
-            "--ca-dir",
-            str(ca_dir),
-            "--secure-listen",
-            "127.0.0.1:0",
-            "--mtls-mode",
-            "STRICT",
-        ),
+    proc = procs.start_control_plane(
+        "--ca-dir", str(ca_dir), "--secure-listen", "127.0.0.1:0", "--mtls-mode", "STRICT"
     )
     try:
         line = procs.wait_for_output(proc, "mTLS on")

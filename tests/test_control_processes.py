@@ -39,16 +39,12 @@ class Mesh:
         self.cp: procs.Proc | None = None
 
     def control_plane(self, *extra: str, port: int = 0) -> procs.Proc:
-        self.cp = procs.start(
-            "control-plane",
-            procs.aimesh_command(
-                "control-plane",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--store",
-                f"sqlite:{self.tmp / 'cp.db'}",
-                *extra,
-            ),
+        self.cp = procs.start_control_plane(
+            "--listen",
+            f"127.0.0.1:{port}",
+            *extra,
+            store=f"sqlite:{self.tmp / 'cp.db'}",
+            admin=False,
         )
         self.procs.append(self.cp)
         return self.cp
@@ -115,8 +111,7 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
 
 
 def admin(proxy: procs.Proc, path: str) -> dict[str, object]:
-    line = procs.wait_for_output(proxy, "admin on")
-    url = line.split("admin on ", 1)[1].split("/clusters")[0]
+    url = procs.admin_url(proxy)
     with urllib.request.urlopen(url + path, timeout=5) as r:
         data: dict[str, object] = json.load(r)
         return data

@@ -130,22 +130,8 @@ def fleet() -> Iterator[Fleet]:
 
 
 def test_dashboard_shows_the_live_mesh(chromium: str, fleet: Fleet, tmp_path: Path) -> None:
-    cp = fleet.add(
-        procs.start(
-            "control-plane",
-            procs.aimesh_command(
-                "control-plane",
-                "--listen",
-                "127.0.0.1:0",
-                "--store",
-                "memory",
-                "--admin",
-                "127.0.0.1:0",
-            ),
-        )
-    )
-    line = procs.wait_for_output(cp, "admin on")
-    base = re.search(r"admin on (http://[^/\s]+)", line).group(1)  # type: ignore[union-attr]
+    cp = fleet.add(procs.start_control_plane())
+    base = procs.admin_url(cp)
 
     def sim(name: str, model: str, service: str) -> procs.Proc:
         return fleet.add(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shutil
 import socket
 import subprocess
@@ -375,11 +374,7 @@ def _free_port() -> int:
         return port
 
 
-def _admin_url(proc: procs.Proc) -> str:
-    line = procs.wait_for_output(proc, "admin on")
-    m = re.search(r"admin on (http://[^/\s]+)", line)
-    assert m, line
-    return m.group(1)
+_admin_url = procs.admin_url
 
 
 class Prometheus:
@@ -465,18 +460,7 @@ def running(tmp_path: Path) -> Iterator[list[procs.Proc]]:
 def test_prometheus_scrapes_the_mesh(
     prometheus_binary: str, tmp_path: Path, running: list[procs.Proc]
 ) -> None:
-    cp = procs.start(
-        "control-plane",
-        procs.aimesh_command(
-            "control-plane",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            "memory",
-            "--admin",
-            "127.0.0.1:0",
-        ),
-    )
+    cp = procs.start_control_plane()
     running.append(cp)
     sim_args = ["--control-plane", cp.address, "--service", "gpt4-gateway", "--ttft", "0"]
     sim_args += ["--tps", "2000", "--length", "8-8"]

@@ -19,27 +19,17 @@ from .node_client import (
     CLIENT_JS,
     NodeClient,
     NodeClientError,
-    client_installed,
     node_binary,
+    require_client,
     run_calls,
 )
-from .support import installed
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
 def node_client() -> str:
-    """`node`'s path, with tests/node's packages installed (scripts/install-node-clients.sh
-    if need be); skips when there is no Node.js."""
-    found, output = installed(client_installed, "install-node-clients.sh")
-    if found:
-        return found
-    if node_binary() is None:
-        pytest.skip(f"node is not installed (scripts/install-node-clients.sh: {output})")
-    pytest.fail(
-        f"scripts/install-node-clients.sh could not install tests/node's packages:\n{output}"
-    )
+    return require_client()
 
 
 @pytest.fixture(scope="module")

@@ -1048,10 +1048,7 @@ def test_backend_process_serves_inference_health_reflection_and_registers(
     tmp_path: Path,
 ) -> None:
     server = FakeProvider().start()
-    cp = procs.start(
-        "control-plane",
-        procs.aimesh_command("control-plane", "--listen", "127.0.0.1:0", "--store", "memory"),
-    )
+    cp = procs.start_control_plane(admin=False)
     try:
         server.reply("/v1/chat/completions", "openai_chat_unary.http")
         server.reply("/v1/chat/completions", "openai_chat_stream.http")

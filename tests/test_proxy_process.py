@@ -57,9 +57,7 @@ def start_proxy(config: Path, *flags: str) -> procs.Proc:
     )
 
 
-def admin_url(proxy: procs.Proc) -> str:
-    line = next(line for line in proxy.output if "admin on" in line)
-    return line.split("admin on ", 1)[1].split("/clusters")[0]
+admin_url = procs.admin_url
 
 
 def test_reference_yaml_runs_and_splits(fleet: dict[str, procs.Proc]) -> None:

@@ -460,16 +460,9 @@ async def test_aimesh_chat_starts_the_trace(mesh: Mesh) -> None:
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_control_plane_traces_its_unary_calls(mesh: Mesh) -> None:
-    argv = procs.aimesh_command(
-        "control-plane",
-        "--listen",
-        "127.0.0.1:0",
-        "--store",
-        "memory",
-        "--otlp-endpoint",
-        mesh.collector,
+    cp = await asyncio.to_thread(
+        procs.start_control_plane, "--otlp-endpoint", mesh.collector, admin=False, env=ENV
     )
-    cp = await asyncio.to_thread(procs.start, "control-plane", argv, env=ENV)
     try:
         async with grpc.aio.insecure_channel(
             cp.address, interceptors=client_interceptors(mesh.client, mesh.trace_ids)

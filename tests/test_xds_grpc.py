@@ -24,14 +24,22 @@ import pytest
 from . import xds_support
 from .node_client import CallRecord
 from .xds_grpc_client import GrpcClient, run_calls
-from .xds_support import XdsMesh, canary, served, share, wait_for, within_points
+from .xds_support import (
+    STABLE,
+    XdsMesh,
+    canary,
+    canary_mesh,
+    served,
+    share,
+    wait_for,
+    within_points,
+)
 
 pytestmark = pytest.mark.slow
 
 xds_mesh = xds_support.xds_mesh  # the fixture: a control plane and its sims
 
 TARGET = "xds:///gpt4-gateway"
-STABLE, CANARY = "gpt4-gateway", "gpt4-gateway-v2"
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -62,13 +70,6 @@ def proxyless(mesh: XdsMesh, node: str = "proxyless", **options: Any) -> GrpcCli
         client.kill()
         raise
     return client
-
-
-def canary_mesh(mesh: XdsMesh, stable: int = 90, canary_weight: int = 10) -> None:
-    mesh.sim("stable-1", STABLE)
-    mesh.sim("canary-1", CANARY)
-    mesh.apply(canary(stable, canary_weight))
-    mesh.wait_healthy("stable-1", "canary-1")
 
 
 # -- tests ------------------------------------------------------------------------------

@@ -20,30 +20,19 @@ from pathlib import Path
 import pytest
 
 from . import xds_support
-from .node_client import CallRecord, NodeClient, client_installed, node_binary, run_calls
-from .support import installed
-from .xds_support import XdsMesh, canary, share, within_points
+from .node_client import CallRecord, NodeClient, require_client, run_calls
+from .xds_support import CANARY, STABLE, XdsMesh, canary, canary_mesh, share, within_points
 
 pytestmark = pytest.mark.slow
 
 xds_mesh = xds_support.xds_mesh  # the fixture: a control plane and its sims
 
 TARGET = "xds:///gpt4-gateway"
-STABLE, CANARY = "gpt4-gateway", "gpt4-gateway-v2"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def node_client() -> str:
-    """`node`'s path, with tests/node's packages installed (scripts/install-node-clients.sh
-    if need be); skips when there is no Node.js."""
-    found, output = installed(client_installed, "install-node-clients.sh")
-    if found:
-        return found
-    if node_binary() is None:
-        pytest.skip(f"node is not installed (scripts/install-node-clients.sh: {output})")
-    pytest.fail(
-        f"scripts/install-node-clients.sh could not install tests/node's packages:\n{output}"
-    )
+    return require_client()
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -105,13 +94,6 @@ def start(
     started.append(client)
     client.wait_ready(30)
     return client
-
-
-def canary_mesh(mesh: XdsMesh, stable: int = 90, canary_weight: int = 10) -> None:
-    mesh.sim("stable-1", STABLE)
-    mesh.sim("canary-1", CANARY)
-    mesh.apply(canary(stable, canary_weight))
-    mesh.wait_healthy("stable-1", "canary-1")
 
 
 # -- tests ------------------------------------------------------------------------------

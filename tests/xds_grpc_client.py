@@ -29,17 +29,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from .node_client import NodeClient, NodeClientError, Summary, parse_lines
+from . import node_client
+from .node_client import NodeClient, Program, Summary
 
 REPO = Path(__file__).resolve().parent.parent
 INSTANCE_TRAILER = "aimesh-instance"
@@ -50,122 +49,34 @@ METHODS = ("Generate", "GenerateStream")
 # -- the helper (pytest side) -------------------------------------------------------------
 
 
-def client_command(
-    target: str,
-    *,
-    calls: int = 1,
-    concurrency: int = 1,
-    method: str = "Generate",
-    model: str = "gpt-4",
-    max_tokens: int = 0,
-    deadline_ms: int = 10_000,
-    interval_ms: int = 0,
-    headers: Mapping[str, str] | None = None,
-    wait_for_ready: bool = False,
-) -> list[str]:
-    """The command line that runs this module's client with these options."""
-    argv = [
-        sys.executable,
-        "-m",
-        "tests.xds_grpc_client",
-        "--target",
-        target,
-        "--calls",
-        str(calls),
-        "--concurrency",
-        str(concurrency),
-        "--method",
-        method,
-        "--model",
-        model,
-        "--max-tokens",
-        str(max_tokens),
-        "--deadline-ms",
-        str(deadline_ms),
-        "--interval-ms",
-        str(interval_ms),
-    ]
-    for key, value in (headers or {}).items():
-        argv += ["--header", f"{key}={value}"]
-    if wait_for_ready:
-        argv.append("--wait-for-ready")
-    return argv
-
-
-def _environment(env: Mapping[str, str] | None) -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+# The runner as a Program: NodeClient, run_calls and client_options serve it as they serve
+# client.js (same options, same lines).
+PROGRAM = Program(
+    "the grpcio client",
+    (sys.executable, "-m", "tests.xds_grpc_client"),
+    REPO,
+    {"PYTHONUNBUFFERED": "1"},
+)
 
 
 class GrpcClient(NodeClient):
-    """The grpcio client calling until stopped: `NodeClient`'s reader (records queue,
-    `wait_ready`, `get`, `drain`, `records_since`, `stop` -> `Summary`) on this process."""
+    """The grpcio client calling until stopped (`NodeClient` with this program)."""
 
     @classmethod
-    def start(
+    def start(  # type: ignore[override]
         cls,
         target: str,
         env: Mapping[str, str] | None = None,
         *,
         calls: int = 0,
         **options: Any,
-    ) -> GrpcClient:
-        """Starts the client on `target`; with calls=0 (the default) it calls until
-        `stop()`. `env`: GRPC_XDS_BOOTSTRAP for an xds:/// target. `options` are
-        `client_command`'s (concurrency, method, interval_ms, ...)."""
-        popen = subprocess.Popen(
-            client_command(target, calls=calls, **options),
-            stdin=subprocess.PIPE,  # closing it is the graceful stop
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            env=_environment(env),
-            cwd=REPO,
-            start_new_session=True,
-        )
-        return cls(popen)
-
-    def __enter__(self) -> GrpcClient:
-        return self
+    ) -> Self:
+        return super().start(target, env, calls=calls, program=PROGRAM, **options)
 
 
-def run_calls(
-    target: str,
-    n: int,
-    env: Mapping[str, str] | None = None,
-    *,
-    timeout: float = 60.0,
-    **options: Any,
-) -> Summary:
-    """Makes `n` calls (n >= 1) with the grpcio client in a subprocess and returns the
-    summary with each call's record. Raises NodeClientError when it prints no summary."""
-    if n < 1:
-        raise ValueError("run_calls needs n >= 1 (GrpcClient.start runs until stopped)")
-    try:
-        proc = subprocess.run(
-            client_command(target, calls=n, **options),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=_environment(env),
-            cwd=REPO,
-        )
-    except subprocess.TimeoutExpired as exc:
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
-        raise NodeClientError(
-            f"the grpcio client did not finish {n} calls within {timeout:g}s; stderr:\n{err}"
-        ) from exc
-    _, records, summary = parse_lines(proc.stdout.splitlines())
-    if summary is None or proc.returncode != 0:
-        raise NodeClientError(
-            f"the grpcio client exited with code {proc.returncode} without a summary; "
-            f"stderr:\n{proc.stderr}\nstdout:\n{proc.stdout[-4000:]}"
-        )
-    summary.records = records
-    summary.stderr = proc.stderr
-    summary.returncode = proc.returncode
-    return summary
+def run_calls(target: str, n: int, env: Mapping[str, str] | None = None, **options: Any) -> Summary:
+    """`n` calls with the grpcio client in a subprocess: node_client.run_calls' summary."""
+    return node_client.run_calls(target, n, env, program=PROGRAM, **options)
 
 
 # -- the client (its own process) ---------------------------------------------------------

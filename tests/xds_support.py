@@ -22,7 +22,7 @@ from aimesh.sim.v1 import sim_pb2, sim_pb2_grpc
 
 INSTANCE_TRAILER = "aimesh-instance"
 
-CANARY = """apiVersion: mesh.ai/v1
+CANARY_YAML = """apiVersion: mesh.ai/v1
 kind: ServiceMesh
 metadata: {{name: xds-test}}
 spec:
@@ -39,10 +39,22 @@ spec:
 """
 
 
+STABLE, CANARY = "gpt4-gateway", "gpt4-gateway-v2"
+
+
+def canary_mesh(mesh: XdsMesh, stable: int = 90, canary_weight: int = 10) -> None:
+    """Sims stable-1 (gpt4-gateway) and canary-1 (gpt4-gateway-v2), the split applied,
+    both healthy in the catalog."""
+    mesh.sim("stable-1", STABLE)
+    mesh.sim("canary-1", CANARY)
+    mesh.apply(canary(stable, canary_weight))
+    mesh.wait_healthy("stable-1", "canary-1")
+
+
 def canary(stable: int = 90, canary: int = 10, algorithm: str = "round_robin") -> str:
     """The reference canary split: xds:///gpt4-gateway (and Envoy's gateway) send
     `stable`% to gpt4-gateway and `canary`% to gpt4-gateway-v2."""
-    return CANARY.format(stable=stable, canary=canary, algorithm=algorithm)
+    return CANARY_YAML.format(stable=stable, canary=canary, algorithm=algorithm)
 
 
 class XdsMesh:
@@ -57,18 +69,7 @@ class XdsMesh:
         self.cp = self._control_plane()
 
     def _control_plane(self, port: int = 0) -> procs.Proc:
-        cp = procs.start(
-            "control-plane",
-            procs.aimesh_command(
-                "control-plane",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--store",
-                self.store,
-                "--admin",
-                "127.0.0.1:0",
-            ),
-        )
+        cp = procs.start_control_plane("--listen", f"127.0.0.1:{port}", store=self.store)
         self.procs.append(cp)
         return cp
 
@@ -80,8 +81,7 @@ class XdsMesh:
 
     @property
     def admin_url(self) -> str:
-        line = procs.wait_for_output(self.cp, "admin on")
-        return line.split("admin on ", 1)[1].split("/topology", 1)[0]
+        return procs.admin_url(self.cp)
 
     def xds_state(self) -> dict[str, Any]:
         """The control plane's /xds page: flavors, streams, what each node ACKed."""
