@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -67,7 +66,6 @@ def flavor_of(node: base_pb2.Node) -> Flavor:
 class Published:
     resources: Resources
     versions: dict[str, str]
-    at: float  # time.monotonic() when published
 
 
 @dataclass(slots=True)
@@ -125,7 +123,10 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
         # are taken together by the next one, so a burst costs few rebuilds.
         while True:
             event = self.cp.state_signal.current
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # a bug in building must not end xDS for good
+                log.exception("xDS refresh failed; the last published resources stay")
             await event.wait()
 
     def refresh(self) -> None:
@@ -148,7 +149,7 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
             versions = {t: version_of(resources[t]) for t in TYPES}
             if old is not None and old.versions == versions:
                 continue
-            self.published[key] = Published(resources, versions, time.monotonic())
+            self.published[key] = Published(resources, versions)
             changed.add(key)
         for stream in self.streams:
             if stream.flavor.key in changed and not stream.pending_change:
