@@ -485,6 +485,20 @@ def test_a_catch_all_policy_before_others_is_a_warning() -> None:
     )
 
 
+def test_header_regexes_re2_cannot_compile_are_a_warning() -> None:
+    headers = {
+        "x-tenant": {"regex": "(?!internal).*"},  # lookahead
+        "x-pair": {"regex": "(a)\\1"},  # backreference
+        "x-team": {"regex": "team-[a-z]+"},  # fine in both
+    }
+    cfg = load_dict(policy(match={"headers": headers}))
+    assert [w.split(":")[0] for w in cfg.warnings] == [
+        "spec.trafficPolicies[0].match.headers.x-tenant",
+        "spec.trafficPolicies[0].match.headers.x-pair",
+    ]
+    assert "Envoy and gRPC clients on xDS reject the route table" in cfg.warnings[0]
+
+
 def test_breaker_settings_while_disabled_are_a_warning() -> None:
     cfg = load_dict(service(circuitBreaker={"errorThreshold": "10%"}))
     assert cfg.warnings[0].startswith(

@@ -876,6 +876,7 @@ def _warnings(cfg: MeshConfig) -> Iterator[str]:
     yield from _unpriced(cfg)
     yield from _shadowed(cfg)
     yield from _inert_breakers(cfg)
+    yield from _not_re2(cfg)
     yield from _security_warnings(cfg.security)
     yield from _inert_tracing(cfg.observability.tracing)
 
@@ -921,6 +922,23 @@ def _shadowed(cfg: MeshConfig) -> Iterator[str]:
                 f"call, so the policies after it ({later}) never apply"
             )
             return
+
+
+# Python regex syntax RE2 lacks: lookaround, backreferences, atomic groups, possessive
+# quantifiers. Envoy and gRPC clients on xDS compile header regexes with RE2.
+_NOT_RE2 = re.compile(r"\(\?<?[=!]|\(\?P=|\(\?>|\\[1-9]|[*+?}]\+")
+
+
+def _not_re2(cfg: MeshConfig) -> Iterator[str]:
+    for i, policy in enumerate(cfg.traffic_policies):
+        for h in policy.match.headers:
+            if h.kind == "regex" and _NOT_RE2.search(h.value):
+                yield (
+                    f"spec.trafficPolicies[{i}].match.headers.{h.name}: regex {_show(h.value)} "
+                    "uses syntax RE2 lacks (lookaround, backreferences, atomic or possessive "
+                    "groups): the aimesh proxy applies it, but Envoy and gRPC clients on xDS "
+                    "reject the route table and keep their last good one"
+                )
 
 
 def _inert_breakers(cfg: MeshConfig) -> Iterator[str]:
