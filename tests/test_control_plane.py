@@ -116,6 +116,31 @@ def test_leases_expire_unless_renewed() -> None:
         check_ttl(0.5)
 
 
+def test_topology_tells_when_health_votes_change() -> None:
+    clock, votes = FakeClock(), []
+    topo = Topology(clock, on_vote=lambda: votes.append(clock.now))
+    a = inst(n=1)
+    snap = Snapshot(1, MappingProxyType({a.key: a}))
+
+    def report(healthy: bool) -> None:
+        topo.report(
+            pb.ProxyReport(
+                proxy_id="p1",
+                endpoints=[
+                    pb.EndpointReport(service=a.service, address=a.address, healthy=healthy)
+                ],
+            )
+        )
+
+    report(True)  # a new voter
+    report(True)  # the same vote again: nothing to tell
+    report(False)  # flipped: out of rotation at the one proxy that reports it
+    assert votes == [1000.0, 1000.0] and not topo.healthy(a)
+    clock.now += 60  # the proxy went silent: its vote expires with it
+    topo.observe(snap)
+    assert votes == [1000.0, 1000.0, 1060.0] and topo.healthy(a)
+
+
 def test_topology_rates_health_and_uptime() -> None:
     clock = FakeClock()
     topo = Topology(clock, wall=lambda: 2000.0)

@@ -521,3 +521,25 @@ async def test_unhealthy_by_registry_is_pushed_as_eds_health(
         assert cla.endpoints[0].lb_endpoints[0].health_status == health_check_pb2.UNHEALTHY
     finally:
         s.close()
+
+
+async def test_unhealthy_by_proxies_active_checks_is_pushed_as_eds_health(
+    cp: tuple[ControlPlaneServer, grpc.aio.Channel],
+) -> None:
+    _, ch = cp
+    await register(ch, "gpt4-gateway", 1)
+    s = AdsStream(ch, base_pb2.Node(id="app-5"))
+    try:
+        s.send(EDS, ["gpt4-gateway"])
+        await s.recv()
+        s.ack(EDS, ["gpt4-gateway"])
+        # The one aimesh proxy that reports this endpoint has it out of rotation.
+        endpoint = pb.EndpointReport(service="gpt4-gateway", address="127.0.0.1:9000")
+        await pb_grpc.StatusStub(ch).Report(
+            pb.ProxyReport(proxy_id="edge-1", endpoints=[endpoint])  # healthy unset: false
+        )
+        pushed = await s.recv()
+        cla = unpack(pushed.resources[0], endpoint_pb2.ClusterLoadAssignment)
+        assert cla.endpoints[0].lb_endpoints[0].health_status == health_check_pb2.UNHEALTHY
+    finally:
+        s.close()

@@ -67,12 +67,12 @@ class ControlPlane:
         self.catalog = Catalog()
         self.config: ConfigRecord | None = None
         self.mesh: MeshConfig | None = None
-        self.topology = Topology(clock)
         self.catalog_signal = _Signal()
         self.config_signal = _Signal()
         # Fires on anything a view of the mesh depends on: catalog, config, and health as
         # proxies report it (the xDS server follows this one).
         self.state_signal = _Signal()
+        self.topology = Topology(clock, on_vote=self.state_signal.fire)
         self.started = time.time()
         self.parsed: tuple[str, MeshConfig] | None = None  # the document Apply last parsed
         # The full catalog as a watch update, built once per version for every watcher
@@ -405,8 +405,7 @@ class StatusService(pb_grpc.StatusServicer):
     async def Report(  # noqa: N802 (gRPC method name)
         self, request: pb.ProxyReport, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReportAck:
-        if self.cp.topology.report(request):
-            self.cp.state_signal.fire()  # a proxy's view of an endpoint's health changed
+        self.cp.topology.report(request)  # a changed health vote fires state_signal
         ack = pb.ReportAck()
         ack.interval.FromNanoseconds(int(REPORT_INTERVAL * 1e9))
         return ack

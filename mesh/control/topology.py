@@ -101,8 +101,12 @@ class Topology:
         clock: Callable[[], float],
         window: float = WINDOW,
         wall: Callable[[], float] = time.time,
+        on_vote: Callable[[], None] | None = None,
     ) -> None:
         self._clock = clock
+        # Called when a health vote changes: a proxy's report flips one, or a proxy that
+        # went silent takes its votes away. Either may change what `healthy` answers.
+        self._on_vote = on_vote
         self._wall = wall
         self._window = window
         self._series: dict[Key, dict[str, _Series]] = {}  # endpoint -> proxy -> counters
@@ -140,6 +144,8 @@ class Topology:
             self._against[key] = self._against.get(key, 0) + (not ep.healthy)
             series.add((now, ep.requests, ep.errors, ep.latency_seconds_total), window)
             voted = True
+        if voted and self._on_vote is not None:
+            self._on_vote()
         return voted
 
     def reporting(self) -> int:
@@ -149,6 +155,7 @@ class Topology:
 
     def _expire(self, now: float) -> None:
         """Forgets proxies that stopped reporting: their counters and their votes."""
+        voted = False
         for proxy, at in list(self._proxies.items()):
             if now - at <= PROXY_STALE:
                 continue
@@ -159,8 +166,11 @@ class Topology:
                 if series is not None:
                     self._voters[key] -= 1
                     self._against[key] = self._against.get(key, 0) - (not series.healthy)
+                    voted = True
                 if not per:
                     self._series.pop(key, None)
+        if voted and self._on_vote is not None:
+            self._on_vote()
 
     def healthy(self, inst: Instance) -> bool:
         """Serving by its own account, and not out of rotation at every proxy that
