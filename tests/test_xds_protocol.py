@@ -543,3 +543,29 @@ async def test_unhealthy_by_proxies_active_checks_is_pushed_as_eds_health(
         assert cla.endpoints[0].lb_endpoints[0].health_status == health_check_pb2.UNHEALTHY
     finally:
         s.close()
+
+
+async def test_a_bad_envoy_listen_address_is_refused_and_harms_no_one(
+    cp: tuple[ControlPlaneServer, grpc.aio.Channel],
+) -> None:
+    server, ch = cp
+    await register(ch, "gpt4-gateway", 1)
+    good = AdsStream(ch, base_pb2.Node(id="good"))
+    node = base_pb2.Node(id="bad", user_agent_name="envoy")
+    node.metadata.fields[LISTEN_METADATA].CopyFrom(struct_pb2.Value(string_value="nowhere"))
+    bad = AdsStream(ch, node)
+    try:
+        good.send(EDS, ["gpt4-gateway"])
+        await good.recv()
+        good.ack(EDS, ["gpt4-gateway"])
+        bad.send(LDS)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await bad.recv()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "aimesh.listen" in (err.value.details() or "")
+        assert [s["node"] for s in server.xds.describe()["streams"]] == ["good"]
+        await register(ch, "gpt4-gateway", 2)  # pushes still flow to the others
+        assert len((await good.recv()).resources) == 1
+    finally:
+        good.close()
+        bad.close()

@@ -38,6 +38,7 @@ from .resources import (
     Flavor,
     Resources,
     check,
+    listen_address,
     version_of,
 )
 
@@ -55,9 +56,12 @@ _CHANGED = None  # queued to a stream when its flavor's resources were republish
 
 
 def flavor_of(node: base_pb2.Node) -> Flavor:
+    """ValueError when an Envoy node's listen address is not HOST:PORT."""
     if node.user_agent_name == "envoy":
         field_ = node.metadata.fields.get(LISTEN_METADATA)
         listen = field_.string_value if field_ is not None else ""
+        if listen:
+            listen_address(listen)  # checked here: a bad one would fail every build
         return Flavor("envoy", listen or DEFAULT_ENVOY_LISTEN)
     return Flavor("grpc")
 
@@ -140,12 +144,19 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
         for key, resources in built.items():
             problems = check(resources)
             old = self.published.get(key)
-            if problems and old is not None:
+            if problems:
                 # A consumer handed a route to a missing cluster fails those calls:
-                # keep serving the last consistent set.
+                # keep serving the last consistent set (with none yet, this one: a
+                # consumer that gets nothing cannot route at all).
                 self.rejected += 1
-                log.error("xDS %s resources not published: %s", key, "; ".join(problems))
-                continue
+                log.error(
+                    "xDS %s resources failed the consistency check (%s): %s",
+                    key,
+                    "the last good ones stay" if old is not None else "published, none before",
+                    "; ".join(problems),
+                )
+                if old is not None:
+                    continue
             versions = {t: version_of(resources[t]) for t in TYPES}
             if old is not None and old.versions == versions:
                 continue
@@ -183,11 +194,16 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
                 "the first DiscoveryRequest must carry node.id: set node.id in the bootstrap "
                 "(aimesh xds bootstrap --node ID writes one)",
             )
-        stream = Stream(first.node.id, flavor_of(first.node), context.peer())
+        try:
+            flavor = flavor_of(first.node)
+        except ValueError as exc:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"node.metadata {LISTEN_METADATA}: {exc} (aimesh xds bootstrap --listen "
+                "HOST:PORT writes it)",
+            )
+        stream = Stream(first.node.id, flavor, context.peer())
         stream.queue.put_nowait(first)
-        self.streams.add(stream)
-        self._use(stream.flavor)
-        log.info("xDS stream from %s (%s, %s)", stream.node_id, stream.flavor.key, stream.peer)
 
         async def read() -> None:
             try:
@@ -196,8 +212,12 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
             finally:
                 stream.queue.put_nowait(_CHANGED)  # wakes the loop; it sees the reader done
 
-        reader = asyncio.get_running_loop().create_task(read())
+        reader: asyncio.Task[None] | None = None
         try:
+            self.streams.add(stream)
+            self._use(stream.flavor)
+            log.info("xDS stream from %s (%s, %s)", stream.node_id, flavor.key, stream.peer)
+            reader = asyncio.get_running_loop().create_task(read())
             while True:
                 item = await stream.queue.get()
                 if item is _CHANGED:
@@ -212,7 +232,9 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
                 if response is not None:
                     yield response
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
             self.streams.discard(stream)
             self._release(stream.flavor)
             log.info("xDS stream from %s closed", stream.node_id)
@@ -239,6 +261,7 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
             if request.HasField("error_detail"):
                 self.nacks += 1
                 sub.nack = request.error_detail.message
+                sub.sent = {}  # what it rejected goes again in full with the next change
                 log.warning(
                     "xDS %s rejected %s version %s (keeps %s): %s",
                     stream.node_id,
