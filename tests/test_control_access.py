@@ -226,6 +226,28 @@ async def test_a_workload_manages_only_its_own_service(strict: Cp) -> None:
     assert list(strict.server.cp.catalog.snapshot.instances) == [("billing", "b-1")]
 
 
+async def test_a_lease_not_granted_yet_is_not_remembered_as_the_callers(strict: Cp) -> None:
+    llm, web = await strict.workload("llm"), await strict.workload("web")
+    async with strict.mtls(llm) as as_llm, strict.mtls(web) as as_web:
+        first = await _register(as_llm, "llm", "i-1")
+        # web renews the lease id that comes next, before anyone holds it, on one stream...
+        stream = cp_grpc.RegistryStub(as_web).KeepAlive()
+        await stream.write(cp_pb.KeepAliveRequest(lease_id=first + 1))
+        assert not (await stream.read()).found
+        second = await _register(as_llm, "llm", "i-2")
+        assert second == first + 1
+        # ... and once llm holds it, web may neither renew it nor take it out of rotation.
+        await stream.write(cp_pb.KeepAliveRequest(lease_id=second, serving=False))
+        denied = await _refused(stream.read(), grpc.StatusCode.PERMISSION_DENIED)
+        assert denied.startswith(f"{sid('web')} may not register") and "'llm'" in denied
+        # Nor deregister a lease this control plane does not know.
+        registry = cp_grpc.RegistryStub(as_web)
+        unknown = cp_pb.DeregisterRequest(lease_id=second + 1000)
+        await _refused(registry.Deregister(unknown, timeout=5), grpc.StatusCode.NOT_FOUND)
+    instances = strict.server.cp.catalog.snapshot.instances
+    assert instances[("llm", "i-2")].serving
+
+
 async def test_config_is_applied_only_by_operators(strict: Cp) -> None:
     llm = await strict.workload("llm")
     apply = cp_pb.ApplyConfigRequest(document=DOC, source="mesh.yaml")

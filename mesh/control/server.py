@@ -212,7 +212,13 @@ class RegistryService(pb_grpc.RegistryServicer):
         allowed: set[int] = set()  # leases this stream's caller may renew (checked once)
         async for request in request_iterator:
             if request.lease_id not in allowed:
-                await self._authorize_lease(context, request.lease_id)
+                if not await self._authorize_lease(context, request.lease_id):
+                    # Unknown here, so its owner cannot be checked: not renewed. (A lease
+                    # that is only about to exist must not be cached as allowed, or the
+                    # caller could renew it, and flip its serving flag, once another
+                    # service holds it.)
+                    yield pb.KeepAliveResponse(lease_id=request.lease_id, found=False)
+                    continue
                 allowed.add(request.lease_id)
             serving = request.serving if request.HasField("serving") else None
             ttl = await _store_call(context, self.cp.store.keepalive(request.lease_id, serving))
@@ -226,9 +232,11 @@ class RegistryService(pb_grpc.RegistryServicer):
     ) -> pb.DeregisterResponse:
         which = request.WhichOneof("target")
         if which == "lease_id":
-            await self._authorize_lease(context, request.lease_id)
-            version = await _store_call(
-                context, self.cp.store.deregister(lease_id=request.lease_id)
+            known = await self._authorize_lease(context, request.lease_id)
+            version = (
+                await _store_call(context, self.cp.store.deregister(lease_id=request.lease_id))
+                if known
+                else None
             )
             what = f"lease {request.lease_id}"
         elif which == "instance":
@@ -254,14 +262,18 @@ class RegistryService(pb_grpc.RegistryServicer):
 
     async def _authorize_lease(
         self, context: grpc.aio.ServicerContext[Any, Any], lease_id: int
-    ) -> None:
-        # The lease's instance, from the catalog: a lease not there (expired, unknown,
-        # or not yet seen by this replica) renews nothing a caller could take over, and
-        # the store answers it as usual (found=false, NOT_FOUND).
-        if access.has_client_certificate(context):
-            for inst in self.cp.catalog.snapshot.instances.values():
-                if inst.lease_id == lease_id:
-                    await access.authorize_registration(context, inst.service)
+    ) -> bool:
+        """Over mTLS: whether the lease's instance is in the catalog, aborting with
+        PERMISSION_DENIED when it belongs to a service the caller may not manage. A lease
+        not there (expired, unknown, not yet seen by this replica) has no owner to check:
+        False, and callers leave the store alone. Plaintext (PERMISSIVE): always True."""
+        if not access.has_client_certificate(context):
+            return True
+        for inst in self.cp.catalog.snapshot.instances.values():
+            if inst.lease_id == lease_id:
+                await access.authorize_registration(context, inst.service)
+                return True
+        return False
 
     def _find(self, service: str, instance_id: str) -> Key | None:
         """By instance id, or by address (the default id, but an id may be set)."""
