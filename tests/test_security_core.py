@@ -797,6 +797,19 @@ def test_join_token_wildcard_grants(clock: FakeClock) -> None:
     assert verify_join_token(SECRET, deep, f"spiffe://{TD}/ns/prod/sa/a/b", clock=clock)
 
 
+def test_join_token_wildcards_never_reach_the_system_namespace(clock: FakeClock) -> None:
+    operator = f"spiffe://{TD}/ns/aimesh-system/sa/alice"
+    control_plane = f"spiffe://{TD}/ns/aimesh-system/sa/control-plane"
+    for pattern in ("*", f"spiffe://{TD}/**", f"spiffe://{TD}/ns/*/sa/alice"):
+        token = issue_join_token(SECRET, pattern, 600, clock=clock)
+        with pytest.raises(IdentityNotGranted, match="does not name namespace aimesh-system"):
+            verify_join_token(SECRET, token, operator, clock=clock)
+    named = issue_join_token(SECRET, f"spiffe://{TD}/ns/aimesh-system/sa/*", 600, clock=clock)
+    assert verify_join_token(SECRET, named, operator, clock=clock)
+    with pytest.raises(IdentityNotGranted, match="the control plane's own identity"):
+        verify_join_token(SECRET, named, control_plane, clock=clock)
+
+
 def test_join_token_expiry(clock: FakeClock) -> None:
     token = issue_join_token(SECRET, GPT4, 600, clock=clock, nonce="expiring")
     clock.advance(599)

@@ -31,11 +31,11 @@ import grpc
 from aimesh.control.v1 import control_plane_pb2 as pb
 from aimesh.interceptors.base import InboundCall, Next
 
-from ..security.spiffe import parse
+from ..security.spiffe import SYSTEM_NAMESPACE, parse
 from ..security.workload import peer_spiffe_id_of
 from ..serving import HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA
 
-OPERATOR_NAMESPACE = "aimesh-system"
+OPERATOR_NAMESPACE = SYSTEM_NAMESPACE
 
 # Services a caller without a certificate may use on a STRICT control plane.
 PLAINTEXT_SERVICES = frozenset(

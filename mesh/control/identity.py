@@ -36,7 +36,13 @@ from ..security.ca import (
     make_csr,
     verify_chain,
 )
-from ..security.spiffe import load_certificates, parse, uri_sans
+from ..security.spiffe import (
+    CONTROL_PLANE_SA,
+    SYSTEM_NAMESPACE,
+    load_certificates,
+    parse,
+    uri_sans,
+)
 from ..security.tokens import IdentityNotGranted, InvalidJoinToken, verify_join_token
 from ..security.workload import (
     WorkloadIdentity,
@@ -80,7 +86,7 @@ class IdentityService(pb_grpc.IdentityServicer):
 
     @property
     def own_id(self) -> str:
-        return f"spiffe://{self.ca.trust_domain}/ns/aimesh-system/sa/control-plane"
+        return f"spiffe://{self.ca.trust_domain}/ns/{SYSTEM_NAMESPACE}/sa/{CONTROL_PLANE_SA}"
 
     def bind_secure(self, server: grpc.aio.Server, listen: str) -> int:
         """Adds an mTLS port to `server` (before it starts) with the control plane's own

@@ -35,6 +35,9 @@ from dataclasses import dataclass
 from cryptography import x509
 
 SCHEME = "spiffe://"
+# The mesh's own namespace: operators (`aimesh identity issue`) and the control plane.
+SYSTEM_NAMESPACE = "aimesh-system"
+CONTROL_PLANE_SA = "control-plane"
 MAX_ID_BYTES = 2048
 MAX_TRUST_DOMAIN_LENGTH = 255
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import PermissionDenied, Unauthenticated
-from .spiffe import compile_pattern, parse
+from .spiffe import CONTROL_PLANE_SA, SYSTEM_NAMESPACE, compile_pattern, parse
 
 Clock = Callable[[], float]
 
@@ -141,7 +141,21 @@ def verify_join_token(
     good but grants something else.
     """
     claims = read_join_token(secret, token, clock=clock)
-    parse(requested_id)
+    sid = parse(requested_id)
+    if sid.namespace == SYSTEM_NAMESPACE:
+        # Operators may apply config and manage every registration, and the control
+        # plane's ID is what clients trust the control plane by: a wildcard written for
+        # workloads (`ns/*/sa/web`, `*`) must not reach them.
+        if sid.service == CONTROL_PLANE_SA:
+            raise IdentityNotGranted(
+                f"{requested_id} is the control plane's own identity; only its CA issues it"
+            )
+        if f"/ns/{SYSTEM_NAMESPACE}/" not in claims.sub:
+            raise IdentityNotGranted(
+                f"join token {claims.jti} grants {claims.sub}, which does not name namespace "
+                f"{SYSTEM_NAMESPACE}; identities there (operators) need a token that names it, "
+                "or `aimesh identity issue`"
+            )
     try:
         grant = compile_pattern(claims.sub)
     except ValueError:

@@ -56,7 +56,14 @@ from .ca import (
     load_private_key,
     make_csr,
 )
-from .spiffe import load_certificate, load_certificates, parse, peer_spiffe_id
+from .spiffe import (
+    CONTROL_PLANE_SA,
+    SYSTEM_NAMESPACE,
+    load_certificate,
+    load_certificates,
+    parse,
+    peer_spiffe_id,
+)
 
 log = logging.getLogger("aimesh.security.workload")
 
@@ -188,7 +195,7 @@ class WorkloadIdentity:
         # current certificate in the handshake; None: over `control_plane` with a signature.
         self.secure_control_plane = secure_control_plane
         self.control_plane_id = control_plane_id or (
-            f"spiffe://{parse(spiffe_id).trust_domain}/ns/aimesh-system/sa/control-plane"
+            f"spiffe://{parse(spiffe_id).trust_domain}/ns/{SYSTEM_NAMESPACE}/sa/{CONTROL_PLANE_SA}"
         )
 
     def adopt(self, key_pem: str, chain_pem: str, bundle_pem: str) -> Svid:
