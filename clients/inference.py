@@ -113,7 +113,10 @@ class _ClientBase:
         )
 
     def _call_options(self, timeout: float | None, model: str = "") -> dict[str, Any]:
-        metadata = (*self.metadata, (MODEL_HEADER, model)) if model else self.metadata
+        # Only a model name gRPC metadata can carry (printable ASCII): another is still
+        # sent in the request, and routed on by the aimesh proxy, not by xDS consumers.
+        sendable = model and model.isascii() and model.isprintable()
+        metadata = (*self.metadata, (MODEL_HEADER, model)) if sendable else self.metadata
         return {"timeout": timeout or self.timeout, "metadata": metadata}
 
 

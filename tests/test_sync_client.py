@@ -108,6 +108,11 @@ def test_facade_surfaces_status_and_message(grpc_channel: grpc.Channel) -> None:
     assert "no-such-model" in info.value.details()  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="model is required"):
         InferenceClient(grpc_channel).generate("hi")
+    # A name metadata cannot carry (x-aimesh-model) still reaches the backend in the body.
+    with pytest.raises(grpc.RpcError) as info:
+        InferenceClient(grpc_channel, model="modèle", timeout=10).generate("hi")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert "modèle" in info.value.details()  # type: ignore[attr-defined]
 
 
 def test_facade_stream_stops_early_without_error(grpc_channel: grpc.Channel) -> None:

@@ -20,12 +20,15 @@ import grpc
 import grpc.aio
 import pytest
 
+from aimesh.clients import AsyncInferenceClient
 from aimesh.inference.v1 import inference_pb2 as pb
 from aimesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from bench.envoy import Envoy, EnvoyNotFound, envoy_binary
 
 from .xds_support import (
+    CANARY,
     INSTANCE_TRAILER,
+    STABLE,
     XdsMesh,
     canary,
     share,
@@ -34,9 +37,6 @@ from .xds_support import (
 )
 
 pytestmark = pytest.mark.slow
-
-STABLE, CANARY = "gpt4-gateway", "gpt4-gateway-v2"
-
 
 # -- helpers ----------------------------------------------------------------------------
 
@@ -390,3 +390,24 @@ async def test_envoy_nack_keeps_the_last_good_version(
             await until(lambda: _all(stub, "canary-1"), 10, "the good config")
             rds = envoy_stream(xds_mesh, "envoy")["types"]["RDS"]  # type: ignore[index]
             assert "nack" not in rds and rds["acked"] == rds["sent"]
+
+
+async def test_envoy_routes_by_model_from_the_clients_header(
+    xds_mesh: XdsMesh,  # noqa: F811
+) -> None:
+    # No config at all: the routes are the catalog's models, matched on x-aimesh-model,
+    # which aimesh's clients send with every call (Envoy cannot read the request body).
+    xds_mesh.sim("claude-1", "claude-gateway", model="claude-3-5-sonnet")
+    xds_mesh.sim("gpt4-1", "gpt4-gateway")
+    xds_mesh.wait_healthy("claude-1", "gpt4-1")
+    with envoy_on(xds_mesh) as envoy:
+        async with grpc.aio.insecure_channel(envoy.address) as channel:
+            for model, instance in (("claude-3-5-sonnet", "claude-1"), ("gpt-4", "gpt4-1")):
+                client = AsyncInferenceClient(channel, model=model, timeout=10)
+                stream = client.stream("hi")
+                assert await stream.text()
+                assert await stream.instance() == instance
+            # A model nobody serves has no route: Envoy answers UNIMPLEMENTED.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await AsyncInferenceClient(channel, model="gpt-9", timeout=10).generate("hi")
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
