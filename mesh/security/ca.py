@@ -719,11 +719,16 @@ class CertificateAuthority:
     ) -> None:
         """Writes the CA to `directory` (created 0700 if missing); keys are 0600.
 
-        Each file is replaced atomically (and synced); across files the order keeps every
-        crash point safe to load: `ca.json` first (a root retired by `rotate_root` is
-        recorded before it stops being current), a generation's `root.pem` last (`load`
-        looks for it), and stale files (a finished rotation's `next-*`) removed at the end,
-        so no key is lost; `load` ignores a leftover `next-*` equal to the current root.
+        Each file is replaced atomically (and synced), but a generation is four files,
+        and no order makes every crash point loadable: `ca.json` goes first (a root
+        retired by `rotate_root` is recorded before it stops being current), a
+        generation's `root.pem` last, and stale files (a finished rotation's `next-*`)
+        are removed at the end, so after a prepared rotation a crash leaves the next
+        generation's keys on disk; `load` ignores a leftover `next-*` equal to the current
+        root. A crash while the current generation's files are replaced can leave a pair
+        that does not match, which `load` refuses naming the file (docs/security.md says
+        how to finish by hand). A rotation without `prepare_root_rotation` (not offered by
+        the CLI) has no such copy: back the directory up first.
         """
         out = Path(directory)
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
