@@ -1754,3 +1754,24 @@ def test_jwt_edges(clock: FakeClock) -> None:
         JwtVerifier([key], leeway=-1)
     with pytest.raises(ValueError, match="cannot sign RS256 with bytes"):
         sign_jwt(_claims(), HMAC_SECRET, "RS256")
+
+
+def test_a_backend_opens_a_plaintext_port_only_when_permissive() -> None:
+    import argparse
+
+    from aimesh.mesh.security.cli import mtls_from_args
+
+    flags = {
+        "identity": f"spiffe://{TD}/ns/prod/sa/llm",
+        "join_token": "token",
+        "plaintext_listen": "127.0.0.1:0",
+        "secure_control_plane": None,
+    }
+    backend = argparse.Namespace(mtls_mode=None, **flags)  # no --mtls-mode: STRICT
+    with pytest.raises(ValueError, match="--plaintext-listen is for --mtls-mode PERMISSIVE"):
+        mtls_from_args(backend, "127.0.0.1:15010")
+    backend.mtls_mode = "PERMISSIVE"
+    assert mtls_from_args(backend, "127.0.0.1:15010") is not None
+    # A proxy without --mtls-mode follows its config, which may say PERMISSIVE.
+    proxy = argparse.Namespace(mtls_mode=None, client_tls="on", **flags)
+    assert mtls_from_args(proxy, "127.0.0.1:15010") is not None

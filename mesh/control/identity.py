@@ -92,13 +92,17 @@ class IdentityService(pb_grpc.IdentityServicer):
         """Adds an mTLS port to `server` (before it starts) with the control plane's own
         certificate, signed here; every service is served there too, and SignCertificate
         takes the client certificate as proof for renewals."""
+        self.own = WorkloadIdentity("unused", self.own_id, clock=self.clock)
+        self._issue_own(self.own)
+        return bind(server, listen, self.own.server_credentials())
+
+    def _issue_own(self, own: WorkloadIdentity) -> None:
+        """The control plane's own certificate, signed here, made current."""
         key_pem, csr = make_csr(self.own_id)
         leaf, chain = self.ca.sign_csr(
             csr, self.own_id, lifetime=self.lifetime, dns_names=[dns_name_for(self.own_id)]
         )
-        self.own = WorkloadIdentity("unused", self.own_id, clock=self.clock)
-        self.own.adopt(key_pem, leaf + chain, self.ca.trust_bundle())
-        return bind(server, listen, self.own.server_credentials())
+        own.adopt(key_pem, leaf + chain, self.ca.trust_bundle())
 
     async def start_own(self, plaintext_address: str) -> None:
         """Renews the control plane's certificate through its own plaintext port."""
@@ -265,6 +269,10 @@ class IdentityService(pb_grpc.IdentityServicer):
         before = self.ca.trust_bundle().count("BEGIN CERTIFICATE")
         switched = ca.root_pem != self.ca.root_pem
         self.ca = ca
+        if self.own is not None:
+            # The mTLS port's certificate and bundle at once, not at its next renewal:
+            # a root that left the bundle must stop being trusted there too.
+            self._issue_own(self.own)
         roots = ca.trust_bundle().count("BEGIN CERTIFICATE")
         signer = "a new root signs" if switched else "same signing root"
         return f"{signer}; trust bundle of {roots} root(s) (was {before})"

@@ -447,7 +447,10 @@ def mtls_from_args(args: argparse.Namespace, control_plane: str | None) -> MtlsF
             "--identity needs --join-token (or $AIMESH_JOIN_TOKEN): "
             "aimesh identity token --ca-dir DIR --id " + args.identity
         )
-    if args.plaintext_listen and mode not in ("PERMISSIVE", ""):
+    # A proxy without --mtls-mode takes the config's mode, which may be PERMISSIVE; a
+    # backend without it is STRICT, where a plaintext port has no place.
+    proxy = hasattr(args, "client_tls")
+    if args.plaintext_listen and mode != "PERMISSIVE" and not (proxy and not mode):
         raise ValueError("--plaintext-listen is for --mtls-mode PERMISSIVE")
     return MtlsFlags(
         mode=mode,
