@@ -544,6 +544,8 @@ class Builder:
         }
         for gone in set(self._cla) - set(endpoints):
             del self._cla[gone]
+        flavors = list(flavors)
+        self._forget(services, flavors)
         return {
             flavor.key: {
                 LISTENER: self._listeners_of(flavor, services),
@@ -553,6 +555,14 @@ class Builder:
             }
             for flavor in flavors
         }
+
+    def _forget(self, services: Sequence[str], flavors: Sequence[Flavor]) -> None:
+        """Drops what no service or flavor in use needs any more."""
+        names = {*services, DEFAULT_NAME, *(f.listen for f in flavors if f.kind == "envoy")}
+        for key in [k for k in self._clusters if k[1] not in names]:
+            del self._clusters[key]
+        for key in [k for k in self._listeners if k[1] not in names]:
+            del self._listeners[key]
 
     def _endpoints(
         self,
