@@ -569,3 +569,28 @@ async def test_a_bad_envoy_listen_address_is_refused_and_harms_no_one(
     finally:
         good.close()
         bad.close()
+
+
+async def test_a_service_that_goes_away_leaves_the_routes_before_its_cluster(
+    cp: tuple[ControlPlaneServer, grpc.aio.Channel],
+) -> None:
+    _, ch = cp
+    await register(ch, "gpt4-gateway", 1)
+    lease = await register(ch, "claude-gateway", 2)
+    node = base_pb2.Node(id="edge-2", user_agent_name="envoy")
+    s = AdsStream(ch, node)
+    try:
+        for type_url in (CDS, LDS):
+            s.send(type_url)  # wildcards
+            await s.recv()
+            s.ack(type_url)
+        s.send(RDS, [xr.ROUTE_TABLE])
+        await s.recv()
+        s.ack(RDS, [xr.ROUTE_TABLE])
+        await pb_grpc.RegistryStub(ch).Deregister(pb.DeregisterRequest(lease_id=lease))
+        # The route table stops naming claude-gateway before the cluster is withdrawn.
+        first, second = await s.recv(), await s.recv()
+        assert (first.type_url, second.type_url) == (RDS, CDS)
+        assert s.names(second) == {"gpt4-gateway"}
+    finally:
+        s.close()

@@ -50,8 +50,10 @@ log = logging.getLogger("aimesh.xds")
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 LISTEN_METADATA = "aimesh.listen"  # node metadata: where Envoy's gateway listener binds
 DEFAULT_ENVOY_LISTEN = "127.0.0.1:15001"
-# Make before break: clusters and their endpoints before the routes that use them.
+# Make before break: clusters and their endpoints before the routes that use them; and
+# when clusters only go away, the routes that named them first.
 PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+REMOVAL_ORDER = (LISTENER, ROUTE, CLUSTER, ENDPOINT)
 _CHANGED = None  # queued to a stream when its flavor's resources were republished
 
 
@@ -286,7 +288,13 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
         if published is None:
             return []
         out = []
-        for type_url in PUSH_ORDER:
+        clusters = stream.subs.get(CLUSTER)
+        removing = (
+            clusters is not None
+            and clusters.sent_names is not None
+            and self._names(clusters, published.resources[CLUSTER]) < clusters.sent_names
+        )
+        for type_url in REMOVAL_ORDER if removing else PUSH_ORDER:
             sub = stream.subs.get(type_url)
             if sub is None or sub.sent_version == published.versions[type_url]:
                 continue
