@@ -55,6 +55,9 @@ DEFAULT_ENVOY_LISTEN = "127.0.0.1:15001"
 PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 REMOVAL_ORDER = (LISTENER, ROUTE, CLUSTER, ENDPOINT)
 _CHANGED = None  # queued to a stream when its flavor's resources were republished
+# Requests read ahead of the ones being answered, per stream: a client that sends without
+# reading the responses waits (flow control) instead of growing the control plane's memory.
+READ_AHEAD = 64
 
 
 def flavor_of(node: base_pb2.Node) -> Flavor:
@@ -98,6 +101,7 @@ class Stream:
         default_factory=asyncio.Queue
     )
     subs: dict[str, Subscription] = field(default_factory=dict)
+    room: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(READ_AHEAD))
     nonces: int = 0
     pending_change: bool = False
 
@@ -210,6 +214,7 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    await stream.room.acquire()  # released once the request is handled
                     stream.queue.put_nowait(request)
             finally:
                 stream.queue.put_nowait(_CHANGED)  # wakes the loop; it sees the reader done
@@ -230,6 +235,8 @@ class Xds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
                         yield response
                     continue
                 assert item is not None
+                if item is not first:
+                    stream.room.release()
                 response = self._on_request(stream, item)
                 if response is not None:
                     yield response
