@@ -124,10 +124,18 @@ def start_sim(
     host: str = "127.0.0.1",
     timeout: float = 20.0,
     env: dict[str, str] | None = None,
+    control_plane: str | None = None,
+    service: str | None = None,
 ) -> Proc:
+    """A sim backend serving `models`; with `control_plane`, it registers there (as
+    `service`, by default its first model's)."""
     args = ["backend", "sim", "--listen", f"{host}:0", "--instance-id", name]
     for m in models:
         args += ["--model", m]
+    if control_plane:
+        args += ["--control-plane", control_plane]
+    if service:
+        args += ["--service", service]
     return start(name, aimesh_command(*args, *extra), timeout=timeout, env=env)
 
 

@@ -54,17 +54,9 @@ class Mesh:
         p = procs.start_sim(
             name,
             [model],
-            "--control-plane",
-            self.cp.address,
-            "--service",
-            service,
-            "--ttft",
-            "0",
-            "--tps",
-            "2000",
-            "--length",
-            "8-8",
-            *extra,
+            *("--ttft", "0", "--tps", "2000", "--length", "8-8", *extra),
+            control_plane=self.cp.address,
+            service=service,
         )
         self.procs.append(p)
         return p

@@ -138,14 +138,9 @@ def test_dashboard_shows_the_live_mesh(chromium: str, fleet: Fleet, tmp_path: Pa
             procs.start_sim(
                 name,
                 [model],
-                "--control-plane",
-                cp.address,
-                "--service",
-                service,
-                "--ttft",
-                "0",
-                "--tps",
-                "0",
+                *("--ttft", "0", "--tps", "0"),
+                control_plane=cp.address,
+                service=service,
             )
         )
 

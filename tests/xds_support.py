@@ -123,17 +123,9 @@ class XdsMesh:
         p = procs.start_sim(
             name,
             [model],
-            "--control-plane",
-            self.cp.address,
-            "--service",
-            service,
-            "--ttft",
-            "0",
-            "--tps",
-            "0",
-            "--length",
-            "4-4",
-            *extra,
+            *("--ttft", "0", "--tps", "0", "--length", "4-4", *extra),
+            control_plane=self.cp.address,
+            service=service,
         )
         self.procs.append(p)
         self.sims[name] = p
