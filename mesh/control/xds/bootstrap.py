@@ -5,6 +5,11 @@ envoy -c envoy.json
 
 aimesh xds bootstrap --node chat-app --for grpc -o xds.json
 GRPC_XDS_BOOTSTRAP=xds.json python app.py   # grpc.insecure_channel("xds:///gpt4-gateway")
+
+A STRICT control plane serves ADS only on its mTLS port: `--tls-dir DIR` (from `aimesh
+identity issue`) gives Envoy's control-plane cluster a client certificate and requires the
+control plane's SPIFFE ID, and `--control-plane` is then that --secure-listen port. Envoy
+reads the files once: issue the certificate again and restart Envoy before it expires.
 """
 
 from __future__ import annotations
@@ -59,6 +64,45 @@ def grpc_bootstrap(
     }
 
 
+def envoy_control_plane_tls(tls_dir: str | Path) -> dict[str, Any]:
+    """The transport socket for Envoy's control-plane cluster: mTLS with the certificate in
+    `tls_dir` (key.pem, cert.pem, ca.pem from `aimesh identity issue`), trusting the mesh
+    CA there and only the control plane's SPIFFE ID (a URI SAN) in that trust domain.
+    ValueError (naming the file) when the directory holds no usable certificate: a key
+    others can read, a certificate that expired or does not match the key."""
+    # cryptography: only when asked for (the CLI imports this module to build its parser)
+    from ...security.spiffe import CONTROL_PLANE_SA, SYSTEM_NAMESPACE, parse, spiffe_id
+    from ...security.workload import TLS_BUNDLE, TLS_CERT, TLS_KEY, dns_name_for, load_tls_dir
+
+    directory = Path(tls_dir).resolve()  # Envoy may run from anywhere: absolute paths
+    identity = load_tls_dir(directory)
+    trust_domain = parse(identity.spiffe_id).trust_domain
+    control_plane = spiffe_id(trust_domain, SYSTEM_NAMESPACE, CONTROL_PLANE_SA)
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _TYPE + "transport_sockets.tls.v3.UpstreamTlsContext",
+            # The DNS SAN that stands for the control plane's ID (no server checks it).
+            "sni": dns_name_for(control_plane),
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(directory / TLS_CERT)},
+                        "private_key": {"filename": str(directory / TLS_KEY)},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": str(directory / TLS_BUNDLE)},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"exact": control_plane}}
+                    ],
+                },
+            },
+        },
+    }
+
+
 def envoy_bootstrap(
     node_id: str,
     control_planes: Sequence[str],
@@ -67,15 +111,38 @@ def envoy_bootstrap(
     admin: str = "127.0.0.1:9901",
     cluster: str = "",
     zone: str = "",
+    tls_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """For `envoy -c FILE`: ADS for listeners, routes, clusters and endpoints; the gateway
-    listener binds `listen` (sent to the control plane in the node's metadata)."""
+    listener binds `listen` (sent to the control plane in the node's metadata). With
+    `tls_dir`, ADS goes over mTLS (`envoy_control_plane_tls`): `control_planes` are then
+    the control plane's --secure-listen addresses."""
 
     def address(host_port: str) -> dict[str, Any]:
         host, port = listen_address(host_port)
         return {"socket_address": {"address": host, "port_value": port}}
 
     ads = {"ads": {}, "resource_api_version": "V3"}
+    control_plane_cluster: dict[str, Any] = {
+        "name": CONTROL_PLANE_CLUSTER,
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": CONTROL_PLANE_CLUSTER,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": address(cp)}}]} for cp in control_planes
+            ],
+        },
+        # ADS is gRPC: HTTP/2 to the control plane.
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _TYPE + "upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+    }
+    if tls_dir is not None:
+        control_plane_cluster["transport_socket"] = envoy_control_plane_tls(tls_dir)
     return {
         "node": _node(node_id, cluster, zone, {LISTEN_METADATA: listen}),
         "admin": {"address": address(admin)},
@@ -100,30 +167,16 @@ def envoy_bootstrap(
             "cds_config": ads,
             "lds_config": ads,
         },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": CONTROL_PLANE_CLUSTER,
-                    "type": "STRICT_DNS",
-                    "connect_timeout": "1s",
-                    "load_assignment": {
-                        "cluster_name": CONTROL_PLANE_CLUSTER,
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": address(cp)}}]}
-                            for cp in control_planes
-                        ],
-                    },
-                    # ADS is gRPC: HTTP/2 to the control plane.
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": _TYPE + "upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                }
-            ]
-        },
+        "static_resources": {"clusters": [control_plane_cluster]},
     }
+
+
+_NO_GRPC_TLS = (
+    "--tls-dir is not supported with --for grpc yet: a proxyless gRPC client verifies the "
+    "control plane's address as a hostname, and its certificate carries a SPIFFE URI and a "
+    "mesh DNS name, not an IP; use --for envoy, or a PERMISSIVE control plane's plaintext "
+    "port"
+)
 
 
 def add_parsers(sub: Any) -> None:
@@ -139,7 +192,17 @@ def add_parsers(sub: Any) -> None:
         default=None,
         metavar="ADDR[,ADDR]",
         help="HOST:PORT of the control plane, or several replicas (default "
-        "$AIMESH_CONTROL_PLANE, then 127.0.0.1:15010)",
+        "$AIMESH_CONTROL_PLANE, then 127.0.0.1:15010); with --tls-dir, its --secure-listen "
+        "(mTLS) address",
+    )
+    p.add_argument(
+        "--tls-dir",
+        default=None,
+        metavar="DIR",
+        help="Envoy: reach the control plane over mTLS with the certificate in DIR (key.pem, "
+        "cert.pem, ca.pem from `aimesh identity issue`), requiring its SPIFFE ID; needed "
+        "for a --mtls-mode STRICT control plane. Envoy reads the files once: issue them "
+        "again and restart Envoy before the certificate expires (default lifetime 24 h)",
     )
     p.add_argument("--cluster", default="", help="node.cluster (default: the node id)")
     p.add_argument("--zone", default="", help="node.locality.zone")
@@ -166,7 +229,10 @@ def run(args: argparse.Namespace) -> int:
                 admin=args.admin,
                 cluster=args.cluster,
                 zone=args.zone,
+                tls_dir=args.tls_dir,
             )
+        elif args.tls_dir is not None:
+            raise ValueError(_NO_GRPC_TLS)
         else:
             doc = grpc_bootstrap(args.node, cps, cluster=args.cluster, zone=args.zone)
     except ValueError as exc:
