@@ -106,18 +106,14 @@ class XdsMesh:
 
     def wait_healthy(self, *names: str, timeout: float = 15.0) -> None:
         """Waits until every instance in `names` is registered and healthy."""
-        deadline = time.monotonic() + timeout
-        seen: set[str] = set()
-        while True:
+
+        def healthy() -> bool:
             try:
-                seen = self.healthy_instances()
+                return set(names) <= self.healthy_instances()
             except OSError:  # the control plane is (re)starting
-                seen = set()
-            if set(names) <= seen:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"instances {sorted(names)} not all healthy: {sorted(seen)}")
-            time.sleep(0.05)
+                return False
+
+        wait_for(healthy, timeout, f"instances {sorted(names)} registered and healthy")
 
     def sim(self, name: str, service: str, *extra: str, model: str = "gpt-4") -> procs.Proc:
         p = procs.start_sim(

@@ -248,9 +248,12 @@ def _ca_certificate(
     return builder.add_extension(aki, False).sign(issuer_key, _hash_for(issuer_key))
 
 
-def _check_key_matches(cert: x509.Certificate, key: PrivateKey, what: str) -> None:
+def _check_key_matches(
+    cert: x509.Certificate, key: PrivateKey, what: str, problem: str = ""
+) -> None:
+    """ValueError(`problem`, by default naming `what`) unless `key` is `cert`'s."""
     if _spki(cert.public_key()) != _spki(key.public_key()):
-        raise ValueError(f"the {what} key does not belong to the {what} certificate")
+        raise ValueError(problem or f"the {what} key does not belong to the {what} certificate")
 
 
 def _is_ca(cert: x509.Certificate) -> tuple[bool, int | None]:
@@ -791,8 +794,8 @@ class CertificateAuthority:
             raise ValueError(f"{src / 'ca.json'}: trustDomain or keyType is missing or invalid")
 
         def key_of(cert: x509.Certificate, key: PrivateKey, stem: str) -> None:
-            if _spki(cert.public_key()) != _spki(key.public_key()):
-                raise ValueError(f"{src / (stem + '.key')} does not belong to {stem}.pem")
+            problem = f"{src / (stem + '.key')} does not belong to {stem}.pem"
+            _check_key_matches(cert, key, stem, problem)
 
         def generation(prefix: str) -> _Generation | None:
             if not (src / f"{prefix}root.pem").exists():
